@@ -1,0 +1,112 @@
+"""The signed handshake transcript and Ed25519 key checks (wire spec section 4.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._messages import SessionAcknowledge, SessionHello
+
+__all__ = [
+    "KEY_LENGTH",
+    "NONCE_LENGTH",
+    "SIGNATURE_LENGTH",
+    "client_signature_message",
+    "handshake_transcript",
+    "is_valid_ed25519_public_key",
+    "negotiate_capabilities",
+    "server_signature_message",
+    "signature_is_valid",
+]
+
+NONCE_LENGTH = 24
+KEY_LENGTH = 32
+SIGNATURE_LENGTH = 64
+# Edwards25519 (RFC 8032 section 5.1): field prime p and curve constant d = -121665/121666.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+
+
+def is_valid_ed25519_public_key(encoded: bytes) -> bool:
+    """Whether ``encoded`` is 32 bytes that decode to an Ed25519 point (RFC 8032 5.1.3).
+
+    ``Ed25519PublicKey.from_public_bytes`` only checks the length, so this checks the
+    decoding: y < p, x² = (y² - 1)/(d·y² + 1) a square mod p, and not x = 0 with the sign
+    bit set. Small-order points decode, so they are accepted.
+    """
+    if len(encoded) != KEY_LENGTH:
+        return False
+    n = int.from_bytes(encoded, "little")
+    sign, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _P:
+        return False
+    yy = y * y % _P
+    x2 = (yy - 1) * pow(_D * yy + 1, _P - 2, _P) % _P  # d·y² + 1 != 0 as d is a non-square
+    if x2 == 0:
+        return sign == 0
+    return pow(x2, (_P - 1) // 2, _P) == 1  # Euler's criterion
+
+
+def negotiate_capabilities(requested: Iterable[int], supported: Iterable[int]) -> tuple[int, ...]:
+    """The set intersection of ``requested`` and ``supported``, sorted ascending."""
+    return tuple(sorted(set(requested) & set(supported)))
+
+
+def handshake_transcript(hello: SessionHello, ack: SessionAcknowledge) -> bytes:
+    """The handshake transcript of spec section 4.1 for ``hello`` and its acknowledgement.
+
+    Version and schema hash come from ``hello`` (the client checks the echoes first); the
+    acknowledgement's signature is not part of it. ``ValueError`` if a field does not fit.
+    """
+    for name, value, size in (
+        ("client nonce", hello.nonce, NONCE_LENGTH),
+        ("client public key", hello.public_key, KEY_LENGTH),
+        ("server nonce", ack.nonce, NONCE_LENGTH),
+        ("server public key", ack.public_key, KEY_LENGTH),
+    ):
+        if len(value) != size:
+            raise ValueError(f"{name} must be {size} bytes, got {len(value)}")
+    caps, negotiated, token = hello.capabilities, ack.capabilities, hello.auth_token
+    try:
+        return b"".join(
+            (
+                b"theta/1 handshake\x00",
+                struct.pack(">HQ", hello.protocol_version, hello.schema_hash),
+                hello.nonce,
+                hello.public_key,
+                struct.pack(f">I{len(caps)}I", len(caps), *caps),
+                struct.pack(">I", len(token)),
+                token,
+                ack.nonce,
+                ack.public_key,
+                struct.pack(">QI", ack.session_id, ack.role),
+                struct.pack(f">I{len(negotiated)}I", len(negotiated), *negotiated),
+            )
+        )
+    except struct.error as exc:
+        raise ValueError(f"handshake field out of range: {exc}") from None
+
+
+def server_signature_message(transcript: bytes) -> bytes:
+    """What the server signs: ``"theta/1 server" 0x00 || SHA-256(transcript)``."""
+    return b"theta/1 server\x00" + hashlib.sha256(transcript).digest()
+
+
+def client_signature_message(transcript: bytes) -> bytes:
+    """What the client signs: ``"theta/1 client" 0x00 || SHA-256(transcript)``."""
+    return b"theta/1 client\x00" + hashlib.sha256(transcript).digest()
+
+
+def signature_is_valid(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``."""
+    if len(signature) != SIGNATURE_LENGTH or not is_valid_ed25519_public_key(public_key):
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
