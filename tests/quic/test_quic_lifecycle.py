@@ -1,0 +1,225 @@
+"""Closing, cancellation, resets, backpressure and timers."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from theta._quic import (
+    ConnectionClosedByPeer,
+    HandshakeTimeout,
+    IdleTimeout,
+    QuicConnection,
+    QuicServer,
+    QuicStream,
+    StreamResetError,
+    TransportError,
+    generate_self_signed_certificate,
+    open_quic_connection,
+)
+from theta.testing import LinkConditioner, LinkConditionerConfig
+
+from .quic_helpers import (
+    client_config,
+    count_tasks,
+    digest_handler,
+    payload,
+    send_in_chunks,
+    start_server,
+)
+
+
+async def test_peer_application_close_reaches_pending_receive(nursery: trio.Nursery) -> None:
+    async def handler(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        assert await stream.receive_some(5) == b"hello"
+        await connection.close(42, "bye")
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(b"hello")
+            with pytest.raises(ConnectionClosedByPeer) as caught:
+                await stream.receive_some()
+            assert (caught.value.code, caught.value.reason) == (42, "bye")
+            assert conn.error is caught.value
+            with pytest.raises(ConnectionClosedByPeer):
+                await conn.accept_stream()
+
+
+async def test_cancelling_owner_closes_socket_and_leaves_no_task(
+    echo_server: QuicServer,
+) -> None:
+    me = trio.lowlevel.current_task()
+    assert count_tasks(me) == 1
+    sockets: list[socket.socket] = []
+    with trio.fail_after(10):
+        with trio.CancelScope() as owner:
+            async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+                sockets.append(conn._endpoint.socket)
+                stream = await conn.open_stream()
+                await stream.send_all(b"x")
+                assert count_tasks(me) > 1  # the receive loop and the connection driver
+                owner.cancel()
+                await stream.receive_some()  # blocks until cancelled
+        assert owner.cancelled_caught
+    assert sockets[0].fileno() == -1
+    assert count_tasks(me) == 1
+
+
+async def test_cancelling_server_closes_socket_and_leaves_no_task(
+    echo_server: QuicServer,
+) -> None:
+    before = count_tasks()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery, digest_handler)
+            async with open_quic_connection("127.0.0.1", server.port, client_config()):
+                assert len(server.connections) == 1
+            nursery.cancel_scope.cancel()
+    assert server._endpoint.socket.fileno() == -1
+    assert count_tasks() == before
+
+
+async def test_stream_reset_wakes_blocked_reader(nursery: trio.Nursery) -> None:
+    async def handler(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        assert await stream.receive_some(1) == b"x"
+        await stream.send_all(b"partial")
+        await stream.reset(7)
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(b"x")
+
+            async def read_until_error() -> None:
+                while await stream.receive_some():  # "partial" may or may not arrive first
+                    pass
+                pytest.fail("a reset stream must not end cleanly")  # pragma: no cover
+
+            with pytest.raises(StreamResetError) as caught:
+                await read_until_error()
+            assert caught.value.code == 7
+
+
+async def test_slow_reader_blocks_sender_within_bound(nursery: trio.Nursery) -> None:
+    high_water = 256 * 1024
+    window = 128 * 1024
+    reader_ready = trio.Event()
+    streams: list[QuicStream] = []
+
+    async def stalled_handler(connection: QuicConnection) -> None:
+        streams.append(await connection.accept_stream())
+        reader_ready.set()
+        await connection.terminated.wait()  # never reads
+
+    server = await start_server(nursery, stalled_handler, stream_receive_window=window)
+    config = client_config(stream_send_high_water=high_water, stream_receive_window=window)
+    with trio.fail_after(20):
+        async with open_quic_connection("127.0.0.1", server.port, config) as conn:
+            stream = await conn.open_stream()
+            sent = 0
+
+            async def sender() -> None:
+                nonlocal sent
+                for chunk in range((64 << 20) // 65536):
+                    await stream.send_all(payload(65536, seed=chunk % 4))
+                    sent += 65536
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(sender)
+                await reader_ready.wait()
+                # Let the sender run until nothing can move: it must be parked in send_all.
+                for _ in range(50):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                assert sent < 64 << 20
+                assert stream.unacked_bytes() <= high_water
+                assert stream.max_unacked_bytes <= high_water
+                assert streams[0]._buffer.__len__() <= window  # the receiver's bound
+                inner.cancel_scope.cancel()
+            await stream.reset(1)  # abandon the unread data so the exit does not wait for it
+            assert sent <= high_water + window + 65536
+
+
+async def test_handshake_timeout_against_silent_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with silent:
+        await silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        with trio.fail_after(60), pytest.raises(HandshakeTimeout):
+            async with open_quic_connection("127.0.0.1", port, client_config()):
+                pytest.fail("handshake cannot complete")  # pragma: no cover
+        assert trio.current_time() >= client_config().handshake_timeout
+
+
+async def test_idle_timeout_and_retransmission_need_only_the_timer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After the handshake the link goes dark both ways: only the connection's timer can
+    act. It must keep probing (retransmissions) and then end with IdleTimeout."""
+    server = await start_server(nursery, digest_handler)
+    link = LinkConditioner(server.address)
+    await nursery.start(link.run)
+    with trio.fail_after(300):
+        async with open_quic_connection("127.0.0.1", link.address[1], client_config()) as conn:
+            dark = LinkConditionerConfig(drop=lambda _: True)
+            link.configure(to_server=dark, to_client=dark)
+            stream = await conn.open_stream()
+            await stream.send_all(b"lost in the dark" * 100)
+            started = trio.current_time()
+            with pytest.raises(IdleTimeout):
+                await stream.receive_some()
+            assert trio.current_time() - started >= 29.0
+            assert conn.stats().engine.probe_timeouts >= 3
+
+
+async def test_lost_acks_recovered_by_probe_timer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Drop the next 8 server->client datagrams (ACKs) mid-transfer: the client hears
+    nothing, so only its probe timer can restart the flow; the transfer must complete."""
+    server = await start_server(nursery, digest_handler)
+    link = LinkConditioner(server.address)
+    await nursery.start(link.run)
+    to_drop = [8]
+
+    def drop_some(_: bytes) -> bool:
+        if to_drop[0] > 0:
+            to_drop[0] -= 1
+            return True
+        return False
+
+    with trio.fail_after(300):
+        async with open_quic_connection("127.0.0.1", link.address[1], client_config()) as conn:
+            stream = await conn.open_stream()
+            data = payload(256 * 1024, seed=5)
+            await send_in_chunks(stream, data[:1000])
+            link.configure(to_client=LinkConditionerConfig(drop=drop_some))
+            await send_in_chunks(stream, data[1000:])
+            await stream.send_eof()
+            import hashlib
+
+            digest = b""
+            while chunk := await stream.receive_some():
+                digest += chunk
+            assert digest == hashlib.sha256(data).digest()
+            assert to_drop[0] == 0
+            assert conn.stats().engine.probe_timeouts >= 1
+
+
+async def test_untrusted_certificate_is_rejected(echo_server: QuicServer) -> None:
+    stranger = generate_self_signed_certificate()
+    config = client_config().__class__(ca_certs=stranger.certificate_pem, handshake_timeout=5)
+    with trio.fail_after(10), pytest.raises(TransportError) as caught:
+        async with open_quic_connection("127.0.0.1", echo_server.port, config):
+            pytest.fail("must not connect")  # pragma: no cover
+    assert not isinstance(caught.value, HandshakeTimeout)

@@ -1,0 +1,131 @@
+"""Bulk transfer, EOF semantics, concurrency and stream conformance over loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from theta._quic import QuicConnection, QuicServer, QuicStream, open_quic_connection
+from theta.testing import LinkConditioner, LinkConditionerConfig
+
+from .quic_helpers import (
+    client_config,
+    digest_handler,
+    payload,
+    read_all,
+    send_in_chunks,
+    start_server,
+)
+
+
+async def _upload(port: int, data: bytes, host: str = "127.0.0.1") -> None:
+    async with open_quic_connection(host, port, client_config()) as connection:
+        stream = await connection.open_stream()
+        await send_in_chunks(stream, data)
+        await stream.send_eof()
+        assert await read_all(stream) == hashlib.sha256(data).digest()
+
+
+async def test_2mib_echo_both_directions_with_eof(echo_server: QuicServer) -> None:
+    data = payload(2 << 20)
+    with trio.fail_after(20):
+        async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+            stream = await conn.open_stream()
+            received = bytearray()
+
+            async def reader() -> None:
+                received.extend(await read_all(stream))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await send_in_chunks(stream, data)
+                await stream.send_eof()  # our FIN -> the server's EOF -> its FIN -> our EOF
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.send_all(b"after eof")
+            assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+            assert await stream.receive_some() == b""  # EOF is sticky
+            stats = conn.stats()
+            assert stats.bytes_sent > len(data)
+            assert stats.bytes_received > len(data)
+            assert stats.engine.min_rtt > 0
+
+
+async def test_64mib_one_stream_ipv4(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, digest_handler)
+    data = payload(64 << 20, seed=1)
+    started = time.perf_counter()
+    with trio.fail_after(40):
+        await _upload(server.port, data)
+    elapsed = time.perf_counter() - started
+    print(f"64 MiB over one stream: {elapsed:.2f} s ({64 * 1.048576 / elapsed:.1f} MB/s)")
+
+
+async def test_2mib_over_ipv6(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, digest_handler, host="::1")
+    with trio.fail_after(20):
+        await _upload(server.port, payload(2 << 20, seed=2), host="::1")
+
+
+async def test_three_concurrent_streams_no_crosstalk(echo_server: QuicServer) -> None:
+    with trio.fail_after(20):
+        async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+
+            async def exchange(index: int) -> None:
+                stream = await conn.open_stream()
+                data = payload(300_000 + index * 1000, seed=10 + index)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_then_eof, stream, data)
+                    assert await read_all(stream) == data
+
+            async def send_then_eof(stream: QuicStream, data: bytes) -> None:
+                await send_in_chunks(stream, data, chunk=1000)  # small chunks interleave
+                await stream.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                for index in range(3):
+                    nursery.start_soon(exchange, index)
+
+
+async def test_2mib_through_hostile_link(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, digest_handler)
+    impairments = LinkConditionerConfig(
+        loss=0.05, reorder=0.05, duplicate=0.02, delay=0.020, jitter=0.010
+    )
+    link = LinkConditioner(server.address, impairments, impairments, seed=7)
+    await nursery.start(link.run)
+    with trio.fail_after(600):  # virtual seconds
+        await _upload(link.address[1], payload(2 << 20, seed=3))
+    for stats in link.stats.values():
+        assert stats.dropped > 0
+        assert stats.duplicated > 0
+        assert stats.reordered > 0
+
+
+async def test_half_closeable_stream_conformance() -> None:
+    server_streams: trio.MemorySendChannel[QuicStream]
+    server_streams, accepted = trio.open_memory_channel[QuicStream](1)
+
+    async def handler(connection: QuicConnection) -> None:
+        while True:
+            stream = await connection.accept_stream()
+            assert await stream.receive_some(1) == b"!"  # the maker's opening byte
+            await server_streams.send(stream)
+
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, handler)
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
+
+            async def stream_maker() -> tuple[QuicStream, QuicStream]:
+                client_stream = await conn.open_stream()
+                await client_stream.send_all(b"!")
+                return client_stream, await accepted.receive()
+
+            with trio.fail_after(60):
+                await trio.testing.check_half_closeable_stream(stream_maker, None)
+        nursery.cancel_scope.cancel()

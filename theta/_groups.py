@@ -1,0 +1,34 @@
+"""Exception-group hygiene for public context managers (used by every trio layer)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import trio
+
+__all__ = ["single_error"]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise an exception group holding one real error (besides ``Cancelled``) as that
+    error, so a public context manager never leaks a group when one error explains it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        errors = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+        if len(errors) == 1:
+            raise errors[0] from None
+        if not errors:
+            raise leaves[0] from None
+        raise

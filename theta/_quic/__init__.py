@@ -1,0 +1,45 @@
+"""trio driver for QUIC (private): connections, streams and endpoints over aioquic.
+
+The session layer depends only on this surface: :func:`open_quic_connection`,
+:func:`serve_quic`, :class:`QuicConnection` (open/accept streams, close with a code,
+stats), :class:`QuicStream` (a ``trio.abc.HalfCloseableStream``), :class:`QuicConfig` and
+the exceptions. Nothing outside ``_engine`` imports the QUIC engine.
+"""
+
+from ._api import ConnectionHandler, QuicServer, open_quic_connection, serve_quic
+from ._certs import SelfSignedCertificate, generate_self_signed_certificate
+from ._config import ALPN, QuicConfig
+from ._connection import QuicConnection
+from ._errors import (
+    ConnectionClosedByPeer,
+    HandshakeTimeout,
+    IdleTimeout,
+    QuicConnectionError,
+    StreamResetError,
+    StreamStoppedError,
+    TransportError,
+)
+from ._stats import ConnectionStats, EngineStats
+from ._stream import QuicStream
+
+__all__ = [
+    "ALPN",
+    "ConnectionClosedByPeer",
+    "ConnectionHandler",
+    "ConnectionStats",
+    "EngineStats",
+    "HandshakeTimeout",
+    "IdleTimeout",
+    "QuicConfig",
+    "QuicConnection",
+    "QuicConnectionError",
+    "QuicServer",
+    "QuicStream",
+    "SelfSignedCertificate",
+    "StreamResetError",
+    "StreamStoppedError",
+    "TransportError",
+    "generate_self_signed_certificate",
+    "open_quic_connection",
+    "serve_quic",
+]

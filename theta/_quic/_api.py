@@ -1,0 +1,187 @@
+"""Entry points: ``open_quic_connection`` (client) and ``serve_quic`` (server).
+
+Each owns a nursery and a socket; leaving the ``async with`` (or cancelling
+``serve_quic``) sends a best-effort CONNECTION_CLOSE, cancels every task it started and
+closes the socket. No ``ExceptionGroup`` escapes when a single exception explains the
+failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from theta._groups import single_error
+
+from . import _engine
+from ._config import QuicConfig
+from ._connection import QuicConnection
+from ._endpoint import Address, UdpEndpoint, open_udp_socket
+
+logger = logging.getLogger("theta.quic")
+
+ConnectionHandler = Callable[[QuicConnection], Awaitable[None]]
+"""A server's per-connection coroutine function."""
+
+_HANDLER_FAILED = 0x1
+
+
+async def _resolve(host: str, port: int) -> tuple[int, Address]:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, _, _, _, sockaddr = infos[0]
+    return int(family), tuple(sockaddr)
+
+
+@contextlib.asynccontextmanager
+async def open_quic_connection(
+    host: str, port: int, config: QuicConfig
+) -> AsyncIterator[QuicConnection]:
+    """Connect to ``host:port`` and yield the connection once the handshake is complete.
+
+    Raises :class:`HandshakeTimeout` or :class:`TransportError` (e.g. certificate
+    rejected) if the handshake fails. On a normal exit it first waits (at most
+    ``idle_timeout``) until the peer has acknowledged everything sent; on any exit it
+    closes with code 0 without waiting out the closing period, then closes the socket.
+    """
+    family, addr = await _resolve(host, port)
+    bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    configuration = _engine.build_configuration(config, is_client=True, server_name=host)
+    try:
+        sock = open_udp_socket(family, bind_host, 0, config.socket_buffer_size)
+    except BaseException:
+        _engine.release_configuration(configuration)
+        raise
+    endpoint = UdpEndpoint(sock)
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                engine = _engine.create_connection(
+                    configuration, max_peer_streams=config.max_concurrent_peer_streams
+                )
+                connection = QuicConnection(endpoint, engine, config, addr, is_client=True)
+                endpoint.add_client_connection(connection)
+                connection.connect()
+                nursery.start_soon(endpoint.receive_loop)
+                nursery.start_soon(connection.run)
+                await connection.handshake_complete.wait()
+                if connection.error is not None:
+                    raise connection.error
+                try:
+                    yield connection
+                    with trio.move_on_after(config.idle_timeout):
+                        await connection.wait_acknowledged()
+                finally:
+                    connection.close_nowait()
+                    nursery.cancel_scope.cancel()
+    finally:
+        endpoint.close()
+        _engine.release_configuration(configuration)
+
+
+class QuicServer:
+    """A running server (what ``serve_quic`` hands to ``task_status.started``)."""
+
+    def __init__(self, endpoint: UdpEndpoint, config: QuicConfig) -> None:
+        self._endpoint = endpoint
+        self.config = config
+
+    @property
+    def address(self) -> Address:
+        """The bound local address (``(host, port, ...)``)."""
+        return self._endpoint.local_address
+
+    @property
+    def port(self) -> int:
+        """The bound UDP port."""
+        return int(self._endpoint.local_address[1])
+
+    @property
+    def connections(self) -> frozenset[QuicConnection]:
+        """Connections currently alive (handshaking or established)."""
+        return frozenset(self._endpoint.connections)
+
+    @property
+    def refused_initials(self) -> int:
+        """Initials silently dropped because a cap was reached."""
+        return self._endpoint.refused_initials
+
+
+async def serve_quic(
+    handler: ConnectionHandler,
+    host: str,
+    port: int,
+    config: QuicConfig,
+    *,
+    task_status: trio.TaskStatus[QuicServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve QUIC on ``host:port`` until cancelled, running ``handler(connection)`` in a
+    new task for each connection once its handshake is complete.
+
+    When the handler returns, the server waits (at most ``idle_timeout``) until the peer
+    has acknowledged everything sent, then closes with code 0 without waiting out the
+    closing period; if the handler raises, the exception is logged and the connection
+    closed with code 1 at once. Caps and what
+    happens beyond them are described in ``theta._quic._endpoint``.
+    """
+    configuration = _engine.build_configuration(config, is_client=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = open_udp_socket(family, host, port, config.socket_buffer_size)
+    except BaseException:
+        _engine.release_configuration(configuration)
+        raise
+    endpoint = UdpEndpoint(sock)
+
+    async def run_handler(connection: QuicConnection) -> None:
+        code, reason = 0, ""
+        try:
+            await handler(connection)
+            with trio.move_on_after(config.idle_timeout):
+                await connection.wait_acknowledged()
+        except Exception:
+            logger.exception("QUIC connection handler failed")
+            code, reason = _HANDLER_FAILED, "handler failed"
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.close(code, reason, wait=False)
+
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+
+                def established(connection: QuicConnection) -> None:
+                    nursery.start_soon(run_handler, connection)
+
+                def new_connection(
+                    header: _engine.PacketHeader, addr: Address
+                ) -> QuicConnection | None:
+                    live = endpoint.connections
+                    handshaking = sum(1 for c in live if not c.handshake_complete.is_set())
+                    if len(live) >= config.max_connections or handshaking >= config.max_handshakes:
+                        endpoint.refused_initials += 1
+                        return None
+                    engine = _engine.create_connection(
+                        configuration,
+                        max_peer_streams=config.max_concurrent_peer_streams,
+                        original_destination_cid=header.destination_cid,
+                    )
+                    connection = QuicConnection(endpoint, engine, config, addr, is_client=False)
+                    connection.on_established = established
+                    endpoint.add_connection(connection, [header.destination_cid, engine.host_cid])
+                    nursery.start_soon(connection.run)
+                    return connection
+
+                endpoint.new_connection = new_connection
+                nursery.start_soon(endpoint.receive_loop)
+                task_status.started(QuicServer(endpoint, config))
+    finally:
+        for connection in list(endpoint.connections):
+            connection.close_nowait()
+        endpoint.close()
+        _engine.release_configuration(configuration)

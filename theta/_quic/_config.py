@@ -1,0 +1,84 @@
+"""Configuration of the QUIC driver (engine-neutral: no aioquic import here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+#: The only ALPN protocol a Theta v1 peer offers or accepts (wire spec, section 1).
+ALPN = "theta/1"
+
+#: QUIC version 1 (RFC 9000).
+QUIC_VERSION_1 = 0x00000001
+
+PemSource = bytes | str | Path
+"""PEM data as ``bytes``, or the path of a PEM file as ``str`` or ``Path``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class QuicConfig:
+    """Everything the driver needs to know to run one endpoint (client or server).
+
+    Client trust: by default the server certificate is verified against the system roots
+    (``ca_certs=None``) or against ``ca_certs`` (PEM bytes or a file path), and its name
+    against ``server_name`` (defaults to the host passed to ``open_quic_connection``).
+    ``insecure_skip_verify_for_tests`` turns verification off; it logs a warning every time a
+    configuration is built with it, and exists for tests only.
+    """
+
+    # --- TLS ---
+    certificate: PemSource | None = None
+    """Server: certificate chain (leaf first), PEM bytes or path."""
+    private_key: PemSource | None = None
+    """Server: private key of the leaf, PEM bytes or path (unencrypted)."""
+    ca_certs: PemSource | None = None
+    """Client: trust anchors, PEM bytes or path; ``None`` means the system roots."""
+    server_name: str | None = None
+    """Client: name to verify the certificate against (and send as SNI)."""
+    insecure_skip_verify_for_tests: bool = False
+    """Client: do not verify the server certificate. Tests only; logged as a warning."""
+    key_log_file: str | Path | None = None
+    """Append TLS secrets here in SSLKEYLOGFILE format (for Wireshark)."""
+
+    # --- transport ---
+    idle_timeout: float = 30.0
+    """QUIC ``max_idle_timeout`` in seconds."""
+    handshake_timeout: float = 10.0
+    """Give up a handshake that has not completed after this many seconds."""
+    max_datagram_size: int = 1200
+    """Largest UDP payload sent; 1200 is safe on any path (aioquic has no PMTU discovery)."""
+    initial_rtt: float = 0.1
+    """RTT assumed before the first sample, in seconds."""
+    max_data: int = 16 * 1024 * 1024
+    """Initial connection-level receive credit (the engine raises it as data is read)."""
+    stream_receive_window: int = 1024 * 1024
+    """Per-stream receive credit beyond what the application has read: bounds the
+    unread bytes buffered per stream, whatever the peer does."""
+    max_concurrent_peer_streams: int = 16
+    """Streams of each direction type the peer may have open at once (MAX_STREAMS). With
+    ``stream_receive_window`` it bounds the unread bytes a peer can make us buffer per
+    connection: at most ``max_concurrent_peer_streams * stream_receive_window``."""
+    stream_send_high_water: int = 1024 * 1024
+    """``send_all`` blocks while a stream has more unacknowledged bytes than this."""
+    congestion_control: str = "reno"
+    """Congestion controller name understood by the engine ("reno" or "cubic")."""
+
+    # --- endpoint ---
+    socket_buffer_size: int = 4 * 1024 * 1024
+    """Requested SO_RCVBUF/SO_SNDBUF; the kernel may grant less (no error)."""
+    max_connections: int = 1024
+    """Server: connections alive at once, handshaking or not."""
+    max_handshakes: int = 256
+    """Server: connections still handshaking at once."""
+
+    def __post_init__(self) -> None:
+        if self.max_datagram_size < 1200:
+            raise ValueError("max_datagram_size must be at least 1200")
+        for name in ("idle_timeout", "handshake_timeout", "initial_rtt"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_concurrent_peer_streams < 1:
+            raise ValueError("max_concurrent_peer_streams must be at least 1")
+        for name in ("stream_receive_window", "stream_send_high_water", "max_data"):
+            if getattr(self, name) < 1024:
+                raise ValueError(f"{name} must be at least 1024")

@@ -1,0 +1,415 @@
+"""The per-connection driver: one long-lived trio task around one engine connection.
+
+Theory of operation. The endpoint's receive loop appends datagrams to the connection's
+inbox and wakes it; stream writers call the engine and wake it. Waking is a flag plus an
+event (a wake-up that arrives while the driver is busy is never lost). Each round the
+driver task:
+
+1. feeds every inboxed datagram to the engine,
+2. fires the engine timer if due, with ``now = max(timer_at, trio.current_time())``,
+3. drains and routes every engine event,
+4. transmits everything the engine has to send (once per round),
+5. re-reads the single timer (``min(engine timer, handshake deadline)``) and sleeps until
+   that deadline or a wake-up.
+
+Every engine call happens in this task or in a stream method while the driver is parked
+after step 3, so streams always see the effect of events already routed. Any exception
+from the engine (attacker-controlled input) fails only this connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import _engine
+from ._config import QuicConfig
+from ._errors import (
+    ConnectionClosedByPeer,
+    HandshakeTimeout,
+    IdleTimeout,
+    QuicConnectionError,
+    TransportError,
+)
+from ._stats import ConnectionStats
+from ._stream import QuicStream
+
+if TYPE_CHECKING:
+    from ._endpoint import Address, UdpEndpoint
+
+logger = logging.getLogger("theta.quic")
+
+_INBOX_LIMIT = 4096  # datagrams queued per connection before the endpoint drops
+_INTERNAL_ERROR = 0x1
+_TIMER_STEP = 1e-6  # seconds
+
+
+class QuicConnection:
+    """A QUIC connection: open/accept bidirectional streams, close with a code, counters.
+
+    Unidirectional streams opened by the peer are refused with STOP_SENDING (code 0) and
+    their data discarded: Theta v1 has none (the session layer treats them as a violation
+    through :attr:`unidirectional_streams_refused`).
+    """
+
+    def __init__(
+        self,
+        endpoint: UdpEndpoint,
+        engine: _engine.EngineConnection,
+        config: QuicConfig,
+        peer: Address,
+        *,
+        is_client: bool,
+    ) -> None:
+        self.config = config
+        self.is_client = is_client
+        self.remote_address: Address = peer
+        """Address of the peer (as last seen)."""
+        self._endpoint = endpoint
+        self._quic = engine
+        self._streams: dict[int, QuicStream] = {}
+        self._next_peer_bidi = 0  # index of the next peer-initiated bidi stream
+        self._next_peer_uni = 0
+        self._accept_send, self._accept_receive = trio.open_memory_channel[QuicStream](
+            math.inf  # bounded by the engine's MAX_STREAMS limit
+        )
+        self._blocked_writers: set[QuicStream] = set()
+        self._inbox: list[tuple[bytes, Address]] = []
+        self._wake_pending = False
+        self._wake_event = trio.Event()
+        self._acknowledged = trio.Event()
+        self._acknowledged_waiters = 0
+        self.created_at = trio.current_time()
+        """When the connection was created (accepted, for a server), on trio's clock."""
+        self._handshake_deadline = self.created_at + config.handshake_timeout
+        self.handshake_complete = trio.Event()
+        """Set once the TLS handshake has completed."""
+        self.terminated = trio.Event()
+        """Set once the connection is over (its error is in :attr:`error`)."""
+        self.error: QuicConnectionError | trio.ClosedResourceError | None = None
+        """Why the connection ended: ``ClosedResourceError`` if this side closed it."""
+        self._closed_locally = False
+        self.cids: set[bytes] = set()
+        """Connection ids routed to this connection (maintained by the endpoint)."""
+        self.on_established: Callable[[QuicConnection], None] | None = None
+        self.unidirectional_streams_refused = 0
+        self._datagrams_sent = self._bytes_sent = 0
+        self._datagrams_received = self._bytes_received = 0
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def local_address(self) -> Address:
+        """The local UDP address."""
+        return self._endpoint.local_address
+
+    async def open_stream(self) -> QuicStream:
+        """Open a new bidirectional stream (the peer sees it when data or FIN is sent)."""
+        await trio.lowlevel.checkpoint()
+        self._raise_if_over()
+        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
+        # An empty write creates the stream in the engine now (and advances its next id)
+        # without sending anything: the peer learns of it with the first data or FIN.
+        self._quic.send_stream_data(stream_id, b"", end_stream=False)
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def accept_stream(self) -> QuicStream:
+        """Wait for the peer to open a bidirectional stream; raises once the connection ends."""
+        try:
+            return await self._accept_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._raise_if_over()
+            raise  # pragma: no cover - channel closed only on termination
+
+    async def close(self, code: int = 0, reason: str = "", *, wait: bool = True) -> None:
+        """Close with application error ``code``; ``wait`` for the closing period to end
+        (≈3 PTO) or return once the CONNECTION_CLOSE has been handed to the socket."""
+        self.close_nowait(code, reason)
+        if wait:
+            await self.terminated.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_acknowledged(self) -> None:
+        """Wait until the peer has acknowledged every byte and FIN sent on every stream
+        (returns early once the connection is closing or over). Reset streams don't count.
+        Use before a graceful ``close``; the context managers do, bounded by the idle
+        timeout."""
+        while (
+            not self._closed_locally
+            and not self.terminated.is_set()
+            and self._quic.has_unacknowledged_data()
+        ):
+            if self._acknowledged.is_set():
+                self._acknowledged = trio.Event()
+            self._acknowledged_waiters += 1
+            try:
+                await self._acknowledged.wait()
+            finally:
+                self._acknowledged_waiters -= 1
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self, code: int = 0, reason: str = "") -> None:
+        """Start closing and hand the CONNECTION_CLOSE to the socket now (never blocks)."""
+        if self.terminated.is_set() or self._closed_locally:
+            return
+        self._closed_locally = True
+        try:
+            self._quic.close(error_code=code, reason_phrase=reason)
+        except _engine.ENGINE_ERRORS as exc:
+            self._fail_engine(exc)
+            return
+        self._flush_nowait()
+        self._wake()
+
+    def stats(self) -> ConnectionStats:
+        """A snapshot of the counters and engine figures."""
+        return ConnectionStats(
+            datagrams_sent=self._datagrams_sent,
+            bytes_sent=self._bytes_sent,
+            datagrams_received=self._datagrams_received,
+            bytes_received=self._bytes_received,
+            engine=self._quic.read_stats(),
+        )
+
+    # -- endpoint side ------------------------------------------------------------------
+
+    def deliver(self, data: bytes, addr: Address) -> bool:
+        """Queue a datagram from the endpoint's receive loop; False if dropped."""
+        if len(self._inbox) >= _INBOX_LIMIT or self.terminated.is_set():
+            return False
+        self._inbox.append((data, addr))
+        return True
+
+    def _wake(self) -> None:
+        self._wake_pending = True
+        self._wake_event.set()
+
+    def wake(self) -> None:
+        """Ask the driver task to run a round (the endpoint calls it after a batch)."""
+        self._wake()
+
+    def connect(self) -> None:
+        """Client: start the handshake (queues the first Initial)."""
+        self._quic.connect(self.remote_address, now=trio.current_time())
+
+    async def run(self) -> None:
+        """The driver task. Returns when the connection has terminated."""
+        try:
+            await self._drive()
+        finally:
+            if not self.terminated.is_set():
+                self._terminate(trio.ClosedResourceError("connection driver stopped"))
+
+    # -- the driver loop ----------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        quic = self._quic
+        timer_at: float | None = None
+        while not self.terminated.is_set():
+            try:
+                if self._inbox:
+                    inbox, self._inbox = self._inbox, []
+                    for data, addr in inbox:
+                        self._datagrams_received += 1
+                        self._bytes_received += len(data)
+                        quic.receive_datagram(data, addr, now=trio.current_time())
+                now = trio.current_time()
+                fired_at = None
+                if timer_at is not None and now >= timer_at:
+                    fired_at = timer_at
+                    quic.handle_timer(now=max(timer_at, now))
+                self._route_events()
+                if self.terminated.is_set():
+                    return
+                if not self.handshake_complete.is_set() and now >= self._handshake_deadline:
+                    self._give_up_handshake()
+                    return
+                datagrams = quic.datagrams_to_send(now=trio.current_time())
+                timer_at = quic.get_timer()
+            except _engine.ENGINE_ERRORS as exc:
+                self._fail_engine(exc)
+                return
+            if datagrams:
+                await self._send(datagrams)
+            self._release_writers()
+            if self._acknowledged_waiters and not quic.has_unacknowledged_data():
+                self._acknowledged.set()
+            deadline = math.inf if timer_at is None else timer_at
+            if timer_at is not None and timer_at == fired_at:
+                # aioquic can re-arm its loss timer at exactly the instant it just handled
+                # (sent_time + delay rounds so that nothing is lost yet). Real clocks move
+                # on; a frozen clock (MockClock) would spin, so step just past it.
+                deadline = timer_at + _TIMER_STEP
+            if not self.handshake_complete.is_set():
+                deadline = min(deadline, self._handshake_deadline)
+            if self._wake_pending:
+                await trio.lowlevel.checkpoint()
+            else:
+                with trio.move_on_at(deadline):
+                    await self._wake_event.wait()
+            self._wake_pending = False
+            if self._wake_event.is_set():
+                self._wake_event = trio.Event()
+
+    async def _send(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        self._datagrams_sent += len(datagrams)
+        self._bytes_sent += sum(len(data) for data, _ in datagrams)
+        await self._endpoint.send_datagrams(datagrams)
+
+    def _flush_nowait(self) -> None:
+        try:
+            datagrams = self._quic.datagrams_to_send(now=trio.current_time())
+        except _engine.ENGINE_ERRORS:
+            return
+        self._datagrams_sent += len(datagrams)
+        self._bytes_sent += sum(len(data) for data, _ in datagrams)
+        self._endpoint.send_datagrams_nowait(datagrams)
+
+    def _release_writers(self) -> None:
+        if not self._blocked_writers:
+            return
+        for stream in list(self._blocked_writers):
+            unacked = self._quic.unacked_send_bytes(stream.stream_id)
+            if unacked <= self.config.stream_send_high_water // 2 or self.terminated.is_set():
+                self._blocked_writers.discard(stream)
+                stream._on_writable()
+
+    def _route_events(self) -> None:
+        quic = self._quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, _engine.StreamDataReceived):
+                stream = self._stream_for_event(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data, event.end_stream)
+            elif isinstance(event, _engine.StreamReset):
+                stream = self._stream_for_event(event.stream_id)
+                if stream is not None:
+                    stream._on_reset(event.error_code)
+            elif isinstance(event, _engine.StopSendingReceived):
+                stream = self._stream_for_event(event.stream_id)
+                if stream is not None:
+                    stream._on_stop_sending(event.error_code)
+            elif isinstance(event, _engine.HandshakeCompleted):
+                self.handshake_complete.set()
+                if self.on_established is not None:
+                    self.on_established(self)
+            elif isinstance(event, _engine.ConnectionIdIssued):
+                self._endpoint.add_cid(self, event.connection_id)
+            elif isinstance(event, _engine.ConnectionIdRetired):
+                self._endpoint.remove_cid(self, event.connection_id)
+            elif isinstance(event, _engine.ConnectionTerminated):
+                self._terminate(self._termination_error(event))
+                return
+
+    def _stream_for_event(self, stream_id: int) -> QuicStream | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream
+        peer_initiated = (stream_id & 1) == (1 if self.is_client else 0)
+        if not peer_initiated:
+            return None  # a local stream this side already closed
+        index = stream_id >> 2
+        if stream_id & 2:  # unidirectional: refuse each new one once
+            while self._next_peer_uni <= index:
+                uni_id = (self._next_peer_uni << 2) | (stream_id & 3)
+                self._next_peer_uni += 1
+                self.unidirectional_streams_refused += 1
+                with contextlib.suppress(ValueError):  # already finished in the engine
+                    self._quic.stop_stream(uni_id, 0)
+            return None
+        # A new peer stream implicitly opens every lower-numbered one (RFC 9000, 3.2).
+        while self._next_peer_bidi <= index:
+            new_id = (self._next_peer_bidi << 2) | (stream_id & 3)
+            self._next_peer_bidi += 1
+            new_stream = QuicStream(self, new_id)
+            self._streams[new_id] = new_stream
+            self._accept_send.send_nowait(new_stream)
+        return self._streams.get(stream_id)
+
+    # -- termination --------------------------------------------------------------------
+
+    def _termination_error(
+        self, event: _engine.ConnectionTerminated
+    ) -> QuicConnectionError | trio.ClosedResourceError:
+        kind = _engine.termination_kind(event)
+        if self._closed_locally:
+            return trio.ClosedResourceError("connection closed by this side")
+        if kind == "application":
+            return ConnectionClosedByPeer(event.error_code, event.reason_phrase)
+        if kind == "idle":
+            return IdleTimeout(event.error_code, event.reason_phrase)
+        return TransportError(event.error_code, event.reason_phrase, event.frame_type)
+
+    def _give_up_handshake(self) -> None:
+        self._terminate(HandshakeTimeout(_INTERNAL_ERROR, "handshake timed out"))
+
+    def _fail_engine(self, exc: BaseException) -> None:
+        logger.warning("QUIC engine error, closing connection: %r", exc)
+        self._terminate(TransportError(_INTERNAL_ERROR, f"engine error: {exc!r}"))
+
+    def _terminate(self, error: QuicConnectionError | trio.ClosedResourceError) -> None:
+        if self.terminated.is_set():
+            return
+        self.error = error
+        self.terminated.set()
+        self.handshake_complete.set()  # release handshake waiters; they check error
+        for stream in self._streams.values():
+            stream._on_connection_error(error)
+        self._accept_send.close()
+        self._blocked_writers.clear()
+        self._inbox.clear()
+        self._acknowledged.set()
+        self._endpoint.remove_connection(self)
+
+    def _raise_if_over(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # -- called by streams --------------------------------------------------------------
+
+    def _unacked(self, stream_id: int) -> int:
+        return self._quic.unacked_send_bytes(stream_id)
+
+    def _send_stream_data(self, stream: QuicStream, data: bytes, *, end_stream: bool) -> None:
+        self._raise_if_over()
+        try:
+            self._quic.send_stream_data(stream.stream_id, data, end_stream=end_stream)
+        except _engine.ENGINE_ERRORS as exc:
+            raise trio.BrokenResourceError(f"stream {stream.stream_id}: {exc!r}") from exc
+        self._wake()
+
+    def _stream_consumed(self, stream: QuicStream, total: int) -> None:
+        if self._quic.stream_consumed(stream.stream_id, total):
+            self._wake()
+
+    def _close_stream(self, stream: QuicStream, *, send_fin: bool, stop_receiving: bool) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._blocked_writers.discard(stream)
+        self._quic.forget_stream(stream.stream_id)
+        if self.terminated.is_set():
+            return
+        with contextlib.suppress(*_engine.ENGINE_ERRORS):  # direction already finished
+            if send_fin:
+                self._quic.send_stream_data(stream.stream_id, b"", end_stream=True)
+            if stop_receiving:
+                self._quic.stop_stream(stream.stream_id, 0)
+        self._wake()
+
+    def _reset_stream(self, stream: QuicStream, code: int) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._blocked_writers.discard(stream)
+        self._quic.forget_stream(stream.stream_id)
+        if self.terminated.is_set():
+            return
+        for call in (self._quic.reset_stream, self._quic.stop_stream):
+            with contextlib.suppress(*_engine.ENGINE_ERRORS):  # direction already finished
+                call(stream.stream_id, code)
+        self._wake()

@@ -1,0 +1,377 @@
+"""The QUIC engine boundary: the only module of theta that imports aioquic.
+
+Theory of operation: the driver talks to a sans-IO QUIC connection (bytes and ``now`` in,
+events and datagrams out). Everything that differs between engines lives here, so a second
+engine (qh3, nearly name-for-name compatible) can be added as another module with the same
+names:
+
+* imports (``Buffer``, ``pull_quic_header``, the connection class, the event classes),
+* building the engine configuration from :class:`~theta._quic._config.QuicConfig`,
+* certificate loading (PEM bytes or file paths),
+* the exceptions an engine call may raise (:data:`ENGINE_ERRORS`),
+* :class:`EngineConnection`, which adds to aioquic's connection the three things aioquic
+  does not offer publicly: the per-stream unacknowledged send figure, receive credit tied
+  to what the application has read (aioquic grants credit as data *arrives*), and a
+  statistics read-out (RTT, congestion window, losses). These touch private attributes of
+  aioquic 1.7.2 (``QuicStreamSender._buffer_start/_buffer_stop``, ``_write_stream_limits``,
+  ``QuicPacketRecovery`` fields) and are pinned by ``tests/quic/test_engine.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+from aioquic._buffer import Buffer
+from aioquic.quic import events as _events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection as _AioquicConnection
+from aioquic.quic.connection import QuicConnectionError
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioquicStream
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ._config import ALPN, QUIC_VERSION_1, PemSource, QuicConfig
+from ._stats import EngineStats
+
+__all__ = [
+    "ENGINE_ERRORS",
+    "ConnectionIdIssued",
+    "ConnectionIdRetired",
+    "ConnectionTerminated",
+    "EngineConnection",
+    "EngineStats",
+    "HandshakeCompleted",
+    "PacketHeader",
+    "StopSendingReceived",
+    "StreamDataReceived",
+    "StreamReset",
+    "build_configuration",
+    "parse_header_untrusted",
+    "release_configuration",
+    "version_negotiation_reply",
+]
+
+logger = logging.getLogger("theta.quic")
+
+# Event classes the driver routes (same names in qh3).
+QuicEvent = _events.QuicEvent
+ConnectionIdIssued = _events.ConnectionIdIssued
+ConnectionIdRetired = _events.ConnectionIdRetired
+ConnectionTerminated = _events.ConnectionTerminated
+HandshakeCompleted = _events.HandshakeCompleted
+StopSendingReceived = _events.StopSendingReceived
+StreamDataReceived = _events.StreamDataReceived
+StreamReset = _events.StreamReset
+
+#: What an engine call fed with attacker-controlled input may raise. aioquic raises plain
+#: built-ins (``IndexError`` from ``datagrams_to_send`` on mutated Initials, ``ValueError``,
+#: ``AssertionError``...), so the driver treats any ``Exception`` as "this connection is
+#: broken" and closes only that connection.
+ENGINE_ERRORS: tuple[type[Exception], ...] = (Exception,)
+
+#: Error code aioquic reports when it closes a connection itself on idle timeout.
+_IDLE_TIMEOUT_REASON = "Idle timeout"
+
+# aioquic's capacity reservation for a MAX_STREAM_DATA frame (type + two varints).
+_MAX_STREAM_DATA_FRAME_CAPACITY = 1 + 2 * 8
+
+
+class PacketHeader(NamedTuple):
+    """What the endpoint needs from a datagram's first packet header to route it."""
+
+    version: int | None
+    is_initial: bool
+    is_version_negotiation: bool
+    destination_cid: bytes
+    source_cid: bytes
+
+
+def parse_header_untrusted(data: bytes, cid_length: int) -> PacketHeader | None:
+    """Parse the first packet header of an untrusted datagram; ``None`` if malformed."""
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
+    except Exception:  # malformed input of any kind: drop the datagram
+        return None
+    return PacketHeader(
+        version=header.version,
+        is_initial=header.packet_type == QuicPacketType.INITIAL,
+        is_version_negotiation=header.packet_type == QuicPacketType.VERSION_NEGOTIATION,
+        destination_cid=header.destination_cid,
+        source_cid=header.source_cid,
+    )
+
+
+def version_negotiation_reply(header: PacketHeader) -> bytes:
+    """A Version Negotiation packet answering ``header`` (never call it for a VN packet)."""
+    return encode_quic_version_negotiation(
+        source_cid=header.destination_cid,
+        destination_cid=header.source_cid,
+        supported_versions=list(SUPPORTED_VERSIONS),
+    )
+
+
+SUPPORTED_VERSIONS: tuple[int, ...] = (QUIC_VERSION_1,)
+
+
+# --- certificates -----------------------------------------------------------------------
+
+
+def _read_pem(source: PemSource) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def load_certificate_chain(source: PemSource) -> list[x509.Certificate]:
+    """Load one or more PEM certificates (leaf first) from bytes or a path."""
+    chain = x509.load_pem_x509_certificates(_read_pem(source))
+    if not chain:
+        raise ValueError("no certificate found in PEM data")
+    return chain
+
+
+def load_private_key(source: PemSource) -> Any:
+    """Load an unencrypted PEM private key from bytes or a path."""
+    return serialization.load_pem_private_key(_read_pem(source), password=None)
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def build_configuration(
+    config: QuicConfig, *, is_client: bool, server_name: str | None = None
+) -> QuicConfiguration:
+    """Build aioquic's configuration from ``config``, setting every engine default explicitly.
+
+    If a key log file is configured it is opened here; call :func:`release_configuration`
+    when the endpoint using the configuration is done.
+    """
+    key_log: TextIO | None = None
+    if config.key_log_file is not None:
+        key_log = open(config.key_log_file, "a")  # noqa: SIM115 - closed by release_configuration
+    configuration = QuicConfiguration(
+        alpn_protocols=[ALPN],
+        is_client=is_client,
+        idle_timeout=config.idle_timeout,
+        max_datagram_size=config.max_datagram_size,
+        max_data=config.max_data,
+        max_stream_data=config.stream_receive_window,
+        initial_rtt=config.initial_rtt,
+        supported_versions=list(SUPPORTED_VERSIONS),
+        congestion_control_algorithm=config.congestion_control,
+        connection_id_length=8,
+        secrets_log_file=key_log,
+    )
+    if is_client:
+        configuration.server_name = config.server_name or server_name
+        if config.insecure_skip_verify_for_tests:
+            logger.warning(
+                "QUIC client certificate verification is OFF "
+                "(insecure_skip_verify_for_tests): never use this outside tests"
+            )
+            configuration.verify_mode = ssl.CERT_NONE
+        else:
+            configuration.verify_mode = ssl.CERT_REQUIRED
+            if config.ca_certs is not None:
+                configuration.cadata = _read_pem(config.ca_certs)
+    else:
+        if config.certificate is None or config.private_key is None:
+            raise ValueError("a server needs both certificate and private_key")
+        chain = load_certificate_chain(config.certificate)
+        configuration.certificate = chain[0]
+        configuration.certificate_chain = chain[1:]
+        configuration.private_key = load_private_key(config.private_key)
+    return configuration
+
+
+def release_configuration(configuration: QuicConfiguration) -> None:
+    """Close what :func:`build_configuration` opened (the key log file)."""
+    if configuration.secrets_log_file is not None:
+        configuration.secrets_log_file.close()
+        configuration.secrets_log_file = None
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+# --- connection -------------------------------------------------------------------------
+
+
+class EngineConnection(_AioquicConnection):
+    """aioquic's ``QuicConnection`` plus the few figures and controls the driver needs."""
+
+    def __init__(
+        self, *, configuration: QuicConfiguration, max_peer_streams: int, **kwargs: Any
+    ) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        # Initial MAX_STREAMS (aioquic hard-codes 128 and adds one per finished stream).
+        for limit in (self._local_max_streams_bidi, self._local_max_streams_uni):
+            limit.value = limit.sent = max_peer_streams
+        self._theta_window = configuration.max_stream_data
+        self._theta_consumed: dict[int, int] = {}
+        self._theta_lost_packets = 0
+        self._theta_probe_timeouts = 0
+        recovery = self._loss
+        on_lost = recovery._on_packets_lost
+        on_timeout = recovery.on_loss_detection_timeout
+
+        def count_lost(**kwargs: Any) -> None:
+            packets = list(kwargs.pop("packets"))
+            if kwargs.get("congestion_event", True):
+                self._theta_lost_packets += len(packets)
+            on_lost(packets=packets, **kwargs)
+
+        def count_timeout(*, now: float) -> None:
+            self._theta_probe_timeouts += 1
+            on_timeout(now=now)
+
+        recovery._on_packets_lost = count_lost  # type: ignore[method-assign]
+        recovery.on_loss_detection_timeout = count_timeout  # type: ignore[method-assign]
+
+        pacer = recovery._pacer
+        update_rate = pacer.update_rate
+        max_datagram_size = configuration.max_datagram_size
+
+        def update_rate_keeping_bursts(congestion_window: int, smoothed_rtt: float) -> None:
+            # aioquic sizes the pacing bucket for a burst of min(cwnd/4, 16) datagrams but
+            # clamps the per-packet time up to 1 µs without scaling the bucket: on a fast
+            # path (large cwnd, ~1 ms RTT) the bucket shrinks to 2-3 datagrams and every
+            # datagrams_to_send() call returns one or two datagrams, doubling CPU per byte.
+            # Keep the intended burst size.
+            update_rate(congestion_window, smoothed_rtt)
+            if pacer.packet_time is not None:
+                burst = max(
+                    2, min(congestion_window // 4, 16 * max_datagram_size) // max_datagram_size
+                )
+                pacer.bucket_max = max(pacer.bucket_max, burst * pacer.packet_time)
+
+        pacer.update_rate = update_rate_keeping_bursts  # type: ignore[method-assign]
+
+    # -- send side --
+
+    def unacked_send_bytes(self, stream_id: int) -> int:
+        """Bytes written to ``stream_id`` and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def has_unacknowledged_data(self) -> bool:
+        """True while any stream has sent data or a FIN the peer has not acknowledged."""
+        for stream in self._streams.values():
+            sender = stream.sender
+            if sender._reset_error_code is not None:
+                continue
+            if sender._buffer_stop != sender._buffer_start:
+                return True
+            if sender._buffer_fin is not None and not sender._acked_fin:
+                return True
+        return False
+
+    # -- receive side --
+
+    def stream_consumed(self, stream_id: int, total: int) -> bool:
+        """Record that the application has read ``total`` bytes of ``stream_id``.
+
+        The peer is then allowed to send up to ``total + stream_receive_window``. Returns
+        True when that allowance should be announced now (a MAX_STREAM_DATA is due).
+        """
+        self._theta_consumed[stream_id] = total
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.receiver.is_finished:
+            return False
+        target = total + self._theta_window
+        return target - stream.max_stream_data_local_sent >= self._theta_window // 2
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop the driver's bookkeeping for a finished stream."""
+        self._theta_consumed.pop(stream_id, None)
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
+    ) -> None:
+        # Replaces aioquic's policy (double the credit whenever half has *arrived*) with
+        # "credit = bytes the application has read + window", so an unread stream buffers
+        # at most one window however fast the peer sends.
+        if not stream.max_stream_data_local or stream.receiver.is_finished:
+            return
+        sid = stream.stream_id
+        assert sid is not None
+        target = self._theta_consumed.get(sid, 0) + self._theta_window
+        if target - stream.max_stream_data_local >= self._theta_window // 2:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=_MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(sid)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    # -- read-outs --
+
+    def read_stats(self) -> EngineStats:
+        """Snapshot of RTT, congestion window and loss figures (private aioquic state)."""
+        recovery = self._loss
+        min_rtt = recovery._rtt_min
+        return EngineStats(
+            smoothed_rtt=recovery._rtt_smoothed,
+            min_rtt=0.0 if math.isinf(min_rtt) else min_rtt,
+            latest_rtt=recovery._rtt_latest,
+            rtt_variance=recovery._rtt_variance,
+            congestion_window=recovery.congestion_window,
+            bytes_in_flight=recovery.bytes_in_flight,
+            lost_packets=self._theta_lost_packets,
+            probe_timeouts=self._theta_probe_timeouts,
+        )
+
+    @property
+    def is_handshake_complete(self) -> bool:
+        """True once the TLS handshake has completed."""
+        return bool(self._handshake_complete)
+
+
+def create_connection(
+    configuration: QuicConfiguration,
+    *,
+    max_peer_streams: int = 16,
+    original_destination_cid: bytes | None = None,
+) -> EngineConnection:
+    """A new engine connection (server: pass the client's original destination CID)."""
+    return EngineConnection(
+        configuration=configuration,
+        max_peer_streams=max_peer_streams,
+        original_destination_connection_id=original_destination_cid,
+    )
+
+
+def termination_kind(event: ConnectionTerminated) -> str:
+    """Classify a termination: ``"application"``, ``"idle"`` or ``"transport"``.
+
+    aioquic reports an APPLICATION_CLOSE with ``frame_type is None``; its own closes (protocol
+    errors, TLS alerts) always name a frame type; the idle timeout has a fixed reason.
+    """
+    if event.frame_type is None:
+        return "application"
+    if event.frame_type == QuicFrameType.PADDING and event.reason_phrase == _IDLE_TIMEOUT_REASON:
+        return "idle"
+    return "transport"
+
+
+__all__ += ["QuicConnectionError", "create_connection", "termination_kind"]

@@ -1,0 +1,214 @@
+"""Bidirectional QUIC streams as ``trio.abc.HalfCloseableStream``.
+
+Backpressure, both ways:
+
+* send: ``send_all`` writes to the engine only while the stream's unacknowledged bytes
+  (written but not yet acknowledged by the peer, including bytes queued behind flow
+  control) are below ``QuicConfig.stream_send_high_water``, never past it, and blocks
+  until they drop to half of it. Memory per stream is bounded however much is sent.
+* receive: arriving data goes to a per-stream buffer; the peer's credit is "bytes read by
+  the application + ``stream_receive_window``" (see ``_engine.EngineConnection``), so a
+  slow reader stalls the peer through QUIC flow control and the buffer never holds more
+  than one window. The connection keeps receiving (ACKs, other streams) meanwhile.
+
+Errors: a peer's RESET_STREAM raises :class:`StreamResetError` from ``receive_some``, a
+STOP_SENDING raises :class:`StreamStoppedError` from ``send_all``; a connection that ends
+raises its :class:`QuicConnectionError` from every operation; using a stream after
+``aclose`` raises ``trio.ClosedResourceError``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import StreamResetError, StreamStoppedError
+
+if TYPE_CHECKING:
+    from ._connection import QuicConnection
+
+_DEFAULT_READ = 256 * 1024
+
+
+class QuicStream(trio.abc.HalfCloseableStream):
+    """One bidirectional QUIC stream of a :class:`QuicConnection`."""
+
+    def __init__(self, connection: QuicConnection, stream_id: int) -> None:
+        self._connection = connection
+        self.stream_id = stream_id
+        """The QUIC stream id."""
+        self._closed = False
+        # receive side
+        self._buffer = bytearray()
+        self._consumed = 0
+        self._eof = False
+        self._receive_error: BaseException | None = None
+        self._receiving = False
+        self._readable = trio.Event()
+        # send side
+        self._eof_sent = False
+        self._send_error: BaseException | None = None
+        self._sending = False
+        self._writable = trio.Event()
+        self._high_water = connection.config.stream_send_high_water
+        self.max_unacked_bytes = 0
+        """Largest unacknowledged-bytes figure seen right after a write (for tests/stats)."""
+
+    @property
+    def connection(self) -> QuicConnection:
+        """The connection this stream belongs to."""
+        return self._connection
+
+    def unacked_bytes(self) -> int:
+        """Bytes written to this stream and not yet acknowledged by the peer."""
+        return self._connection._unacked(self.stream_id)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._closed or self._eof_sent:
+            raise trio.ClosedResourceError("stream closed for sending")
+        if self._send_error is not None:
+            raise self._send_error
+
+    async def _wait_writable(self) -> None:
+        while True:
+            self._check_send()
+            if self.unacked_bytes() < self._high_water:
+                return
+            if self._writable.is_set():
+                self._writable = trio.Event()
+            self._connection._blocked_writers.add(self)
+            await self._writable.wait()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``; blocks while the unacknowledged bytes are at the high-water mark."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            self._check_send()
+            await trio.lowlevel.checkpoint()
+            view = memoryview(data).cast("B")
+            while view:
+                await self._wait_writable()
+                room = self._high_water - self.unacked_bytes()
+                chunk, view = view[:room], view[room:]
+                self._connection._send_stream_data(self, bytes(chunk), end_stream=False)
+                self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return when ``send_all`` would not block (below the high-water mark)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            await self._wait_writable()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Send FIN: the peer reads end-of-stream after the data already sent."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        await trio.lowlevel.checkpoint()
+        if not self._eof_sent and self._send_error is None:
+            self._eof_sent = True
+            self._connection._send_stream_data(self, b"", end_stream=True)
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return up to ``max_bytes`` received bytes, or ``b""`` at end of stream."""
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed")
+                if self._buffer and not isinstance(self._receive_error, StreamResetError):
+                    break  # data received before a connection error is still readable
+                if self._receive_error is not None:
+                    raise self._receive_error
+                if self._eof:
+                    return b""
+                if self._readable.is_set():
+                    self._readable = trio.Event()
+                await self._readable.wait()
+            count = min(len(self._buffer), max_bytes or _DEFAULT_READ)
+            data = bytes(self._buffer[:count])
+            del self._buffer[:count]
+            self._consumed += count
+            self._connection._stream_consumed(self, self._consumed)
+            return data
+        finally:
+            self._receiving = False
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close both directions: FIN if still sending, STOP_SENDING if still receiving."""
+        if not self._closed:
+            self._closed = True
+            self._connection._close_stream(
+                self,
+                send_fin=not self._eof_sent and self._send_error is None,
+                stop_receiving=not self._eof and self._receive_error is None,
+            )
+            self._wake_all()
+        await trio.lowlevel.checkpoint()
+
+    async def reset(self, code: int = 0) -> None:
+        """Abort both directions with application error ``code`` (RESET_STREAM + STOP)."""
+        if not self._closed:
+            self._closed = True
+            self._connection._reset_stream(self, code)
+            self._wake_all()
+        await trio.lowlevel.checkpoint()
+
+    # -- called by the connection driver ------------------------------------------------
+
+    def _wake_all(self) -> None:
+        self._readable.set()
+        self._writable.set()
+
+    def _on_data(self, data: bytes, end_stream: bool) -> None:
+        if data and not self._closed:
+            self._buffer += data
+        if end_stream:
+            self._eof = True
+        self._readable.set()
+
+    def _on_reset(self, code: int) -> None:
+        if self._receive_error is None and not self._eof:
+            self._receive_error = StreamResetError(code)
+            self._buffer.clear()
+        self._readable.set()
+
+    def _on_stop_sending(self, code: int) -> None:
+        if self._send_error is None:
+            self._send_error = StreamStoppedError(code)
+        self._writable.set()
+
+    def _on_writable(self) -> None:
+        self._writable.set()
+
+    def _on_connection_error(self, error: BaseException) -> None:
+        if self._receive_error is None and not self._eof:
+            self._receive_error = error
+        if self._send_error is None:
+            self._send_error = error
+        self._wake_all()

@@ -1,0 +1,226 @@
+"""A seeded, hostile UDP link for tests: a relay between clients and a server on loopback.
+
+The relay listens on its own address; point a client at :attr:`LinkConditioner.address`
+and it forwards to the server, applying per direction, in this order: a drop filter,
+bursty loss (Gilbert–Elliott), independent loss, duplication, reordering, and delay with
+jitter. Every random choice comes from a ``random.Random`` seeded per direction, so a run
+is reproducible given the same traffic. Each client address gets its own upstream socket
+(like a NAT), so many clients can share one conditioner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import math
+import random
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+Address = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GilbertElliott:
+    """Two-state bursty loss: per datagram, move good→bad with ``p_enter_bad`` and
+    bad→good with ``p_leave_bad``, then drop with ``loss_in_bad`` / ``loss_in_good``."""
+
+    p_enter_bad: float = 0.01
+    p_leave_bad: float = 0.3
+    loss_in_bad: float = 0.5
+    loss_in_good: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkConditionerConfig:
+    """Impairments of one direction of the link (probabilities in [0, 1], times in s).
+
+    ``reorder`` holds a datagram back by an extra ``reorder_delay`` so later ones overtake
+    it. ``jitter`` adds a uniform delay in ``[-jitter, +jitter]`` (never below zero), so
+    it may reorder too. ``drop`` is called with each datagram; returning True drops it
+    (e.g. to cut one direction entirely or to drop only ACK-sized packets).
+    """
+
+    loss: float = 0.0
+    burst_loss: GilbertElliott | None = None
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_delay: float = 0.01
+    delay: float = 0.0
+    jitter: float = 0.0
+    drop: Callable[[bytes], bool] | None = None
+
+
+@dataclasses.dataclass
+class DirectionStats:
+    """What one direction of the conditioner did to the datagrams it saw."""
+
+    received: int = 0
+    forwarded: int = 0
+    dropped: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+
+
+class _Direction:
+    def __init__(self, config: LinkConditionerConfig, seed: int) -> None:
+        self.config = config
+        self.random = random.Random(seed)
+        self.bad_state = False
+        self.stats = DirectionStats()
+
+    def schedule(self, now: float) -> list[float]:
+        """Delivery times for one datagram (empty: dropped; two: duplicated)."""
+        config, rng = self.config, self.random
+        self.stats.received += 1
+        burst = config.burst_loss
+        if burst is not None:
+            flip = rng.random()
+            if self.bad_state and flip < burst.p_leave_bad:
+                self.bad_state = False
+            elif not self.bad_state and flip < burst.p_enter_bad:
+                self.bad_state = True
+            if rng.random() < (burst.loss_in_bad if self.bad_state else burst.loss_in_good):
+                self.stats.dropped += 1
+                return []
+        if rng.random() < config.loss:
+            self.stats.dropped += 1
+            return []
+        copies = 2 if rng.random() < config.duplicate else 1
+        self.stats.duplicated += copies - 1
+        times = []
+        for _ in range(copies):
+            delay = config.delay + (
+                rng.uniform(-config.jitter, config.jitter) if config.jitter else 0.0
+            )
+            if rng.random() < config.reorder:
+                delay += config.reorder_delay
+                self.stats.reordered += 1
+            times.append(now + max(0.0, delay))
+        self.stats.forwarded += copies
+        return times
+
+
+class LinkConditioner:
+    """A UDP relay to ``server`` impairing traffic as configured, until cancelled.
+
+    Start it with ``conditioner = LinkConditioner(...); await nursery.start(conditioner.run)``
+    and connect clients to ``conditioner.address``. Impairments can be changed while it
+    runs with :meth:`configure` (e.g. cut the server→client direction mid-test).
+    """
+
+    def __init__(
+        self,
+        server: Address,
+        to_server: LinkConditionerConfig | None = None,
+        to_client: LinkConditionerConfig | None = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        self.server = tuple(server)
+        self.family = socket.AF_INET6 if ":" in str(server[0]) else socket.AF_INET
+        self._directions = {
+            "to_server": _Direction(to_server or LinkConditionerConfig(), seed * 2 + 1),
+            "to_client": _Direction(to_client or LinkConditionerConfig(), seed * 2 + 2),
+        }
+        self._listener = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+        self._upstreams: dict[Address, trio.socket.SocketType] = {}
+        self._queue: list[tuple[float, int, bytes, trio.socket.SocketType, Address]] = []
+        self._sequence = 0
+        self._queue_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def address(self) -> Address:
+        """Where clients should send (the relay's listening address)."""
+        return tuple(self._listener.getsockname())
+
+    @property
+    def stats(self) -> dict[str, DirectionStats]:
+        """Per-direction counters, keyed ``"to_server"`` and ``"to_client"``."""
+        return {name: d.stats for name, d in self._directions.items()}
+
+    def configure(
+        self,
+        *,
+        to_server: LinkConditionerConfig | None = None,
+        to_client: LinkConditionerConfig | None = None,
+    ) -> None:
+        """Replace the impairments of one or both directions (keeps the random streams)."""
+        if to_server is not None:
+            self._directions["to_server"].config = to_server
+        if to_client is not None:
+            self._directions["to_client"].config = to_client
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[LinkConditioner] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Relay until cancelled; ``task_status.started(self)`` once listening."""
+        host = "::1" if self.family == socket.AF_INET6 else "127.0.0.1"
+        try:
+            await self._listener.bind((host, 0))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._deliver_loop)
+                nursery.start_soon(self._client_side_loop)
+                task_status.started(self)
+        finally:
+            self._listener.close()
+            for upstream in self._upstreams.values():
+                upstream.close()
+
+    def _enqueue(
+        self, direction: str, data: bytes, sock: trio.socket.SocketType, dest: Address
+    ) -> None:
+        for when in self._directions[direction].schedule(trio.current_time()):
+            self._sequence += 1
+            heapq.heappush(self._queue, (when, self._sequence, data, sock, dest))
+        self._queue_changed.set()
+
+    def _dropped_by_filter(self, direction: str, data: bytes) -> bool:
+        direction_state = self._directions[direction]
+        drop = direction_state.config.drop
+        if drop is not None and drop(data):
+            direction_state.stats.received += 1
+            direction_state.stats.dropped += 1
+            return True
+        return False
+
+    async def _client_side_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            data, client = await self._listener.recvfrom(65536)
+            upstream = self._upstreams.get(client)
+            if upstream is None:
+                upstream = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+                await upstream.bind(("::1" if self.family == socket.AF_INET6 else "127.0.0.1", 0))
+                self._upstreams[client] = upstream
+                self._nursery.start_soon(self._server_side_loop, upstream, client)
+            if not self._dropped_by_filter("to_server", data):
+                self._enqueue("to_server", data, upstream, self.server)
+
+    async def _server_side_loop(self, upstream: trio.socket.SocketType, client: Address) -> None:
+        while True:
+            try:
+                data, _ = await upstream.recvfrom(65536)
+            except OSError:
+                continue
+            if not self._dropped_by_filter("to_client", data):
+                self._enqueue("to_client", data, self._listener, client)
+
+    async def _deliver_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            while self._queue and self._queue[0][0] <= now:
+                _, _, data, sock, dest = heapq.heappop(self._queue)
+                with contextlib.suppress(OSError):  # e.g. the peer socket is gone
+                    await sock.sendto(data, dest)
+                now = trio.current_time()
+            deadline = self._queue[0][0] if self._queue else math.inf
+            self._queue_changed = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._queue_changed.wait()
