@@ -1,8 +1,89 @@
 """theta — the Theta Network Protocol over QUIC, for trio.
 
-The sans-IO protocol core lives in :mod:`theta.core`.
+``async with theta.connect(host, port, config) as session:`` opens a session;
+``await theta.serve(handler, host, port, config)`` accepts them. The sans-IO protocol core
+lives in :mod:`theta.core`, which imports no trio: the trio layer's names below are loaded
+on first use, so ``import theta.core`` stays I/O-free.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from theta.core import (
+    CAP_ZSTD,
+    PROTOCOL_VERSION,
+    Asset,
+    AssetProgress,
+    ErrorCode,
+    HandshakeFailed,
+    HandshakeRejected,
+    HandshakeTimeout,
+    ProtocolError,
+    ReplicationMessage,
+    Role,
+)
+
+if TYPE_CHECKING:
+    from theta._client import connect
+    from theta._config import ClientConfig, ServerConfig
+    from theta._diagnostics import TransportDiagnostics
+    from theta._errors import ServerUnreachable, SessionClosed
+    from theta._quic import TransportError, generate_self_signed_certificate
+    from theta._server import Server, SessionHandler, serve
+    from theta._session import Session
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_LAZY = {
+    "connect": "theta._client",
+    "ClientConfig": "theta._config",
+    "ServerConfig": "theta._config",
+    "TransportDiagnostics": "theta._diagnostics",
+    "SessionClosed": "theta._errors",
+    "ServerUnreachable": "theta._errors",
+    "TransportError": "theta._quic",
+    "generate_self_signed_certificate": "theta._quic",
+    "Server": "theta._server",
+    "SessionHandler": "theta._server",
+    "serve": "theta._server",
+    "Session": "theta._session",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'theta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "CAP_ZSTD",
+    "PROTOCOL_VERSION",
+    "Asset",
+    "AssetProgress",
+    "ClientConfig",
+    "ErrorCode",
+    "HandshakeFailed",
+    "HandshakeRejected",
+    "HandshakeTimeout",
+    "ProtocolError",
+    "ReplicationMessage",
+    "Role",
+    "Server",
+    "ServerConfig",
+    "ServerUnreachable",
+    "Session",
+    "SessionClosed",
+    "SessionHandler",
+    "TransportDiagnostics",
+    "TransportError",
+    "__version__",
+    "connect",
+    "generate_self_signed_certificate",
+    "serve",
+]

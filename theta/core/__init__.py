@@ -4,6 +4,15 @@ Bytes and messages in, messages and bytes out. This package imports no trio and 
 sockets, and never reads a clock: every method that needs the time takes ``now``.
 """
 
+from ._assets import (
+    Asset,
+    AssetAssembler,
+    AssetCollector,
+    AssetProgress,
+    AssetSender,
+    chunk_asset,
+    max_chunk_data_for,
+)
 from ._decode import FrameDecoder, FrameLimits, decode_payload_untrusted
 from ._encode import encode_frame
 from ._errors import (
@@ -50,6 +59,13 @@ from ._messages import (
     SessionHello,
     SessionReject,
 )
+from ._replication import (
+    FLAG_ZSTD,
+    ReplicationReceiver,
+    ReplicationSender,
+    ReplicationStats,
+    compress_replication,
+)
 from ._schema import canonical_manifest, schema_hash
 from ._transcript import (
     client_signature_message,
@@ -65,8 +81,14 @@ __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_RTT_WINDOW",
+    "FLAG_ZSTD",
     "PROTOCOL_VERSION",
+    "Asset",
+    "AssetAssembler",
     "AssetChunk",
+    "AssetCollector",
+    "AssetProgress",
+    "AssetSender",
     "Authenticator",
     "Channel",
     "ChannelOpen",
@@ -90,6 +112,9 @@ __all__ = [
     "ProtocolError",
     "ProtocolViolation",
     "ReplicationMessage",
+    "ReplicationReceiver",
+    "ReplicationSender",
+    "ReplicationStats",
     "Role",
     "ServerHandshake",
     "ServerState",
@@ -99,11 +124,14 @@ __all__ = [
     "SessionHello",
     "SessionReject",
     "canonical_manifest",
+    "chunk_asset",
     "client_signature_message",
+    "compress_replication",
     "decode_payload_untrusted",
     "encode_frame",
     "handshake_transcript",
     "is_valid_ed25519_public_key",
+    "max_chunk_data_for",
     "negotiate_capabilities",
     "schema_hash",
     "server_signature_message",

@@ -109,7 +109,8 @@ class HandshakeRejected(ProtocolError):
     """The server answered ``SessionReject``.
 
     ``code`` and ``reason`` are the server's; ``server_protocol_version`` and
-    ``server_schema_hash`` say what the server expects.
+    ``server_schema_hash`` say what the server expects (``None`` when the server closed
+    the connection with the code but its ``SessionReject`` did not arrive).
     """
 
     def __init__(
@@ -117,18 +118,21 @@ class HandshakeRejected(ProtocolError):
         reason: str,
         code: ErrorCode,
         *,
-        server_protocol_version: int,
-        server_schema_hash: int,
+        server_protocol_version: int | None,
+        server_schema_hash: int | None,
     ) -> None:
         super().__init__(reason, code)
         self.server_protocol_version = server_protocol_version
         self.server_schema_hash = server_schema_hash
 
     def __str__(self) -> str:
-        return (
-            f"rejected by server: {self.code.name}: {self.reason} (server protocol version "
-            f"{self.server_protocol_version}, schema hash {self.server_schema_hash:#018x})"
-        )
+        text = f"rejected by server: {self.code.name}: {self.reason}"
+        if self.server_protocol_version is not None and self.server_schema_hash is not None:
+            text += (
+                f" (server protocol version {self.server_protocol_version},"
+                f" schema hash {self.server_schema_hash:#018x})"
+            )
+        return text
 
 
 class LocalProtocolError(Exception):

@@ -1,0 +1,110 @@
+"""Helpers for the session tests: certificate, configurations, servers, task counting."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+import trio.testing
+
+import theta
+from theta import ClientConfig, Server, ServerConfig, Session
+from theta._quic import SelfSignedCertificate
+
+
+@functools.cache
+def certificate() -> SelfSignedCertificate:
+    """One self-signed certificate for the whole test run."""
+    return theta.generate_self_signed_certificate()
+
+
+def server_config(**overrides: Any) -> ServerConfig:
+    """A server configuration with the test certificate."""
+    cert = certificate()
+    return ServerConfig(
+        certificate=cert.certificate_pem, private_key=cert.private_key_pem, **overrides
+    )
+
+
+def client_config(**overrides: Any) -> ClientConfig:
+    """A verifying client configuration trusting the test certificate."""
+    return ClientConfig(
+        ca_certs=certificate().certificate_pem, server_name="localhost", **overrides
+    )
+
+
+async def start_server(
+    nursery: trio.Nursery,
+    handler: Callable[[Session], Awaitable[object]],
+    host: str = "127.0.0.1",
+    **overrides: Any,
+) -> Server:
+    """Start ``theta.serve`` in ``nursery`` on an ephemeral port."""
+    server: Server = await nursery.start(
+        functools.partial(theta.serve, handler, host, 0, server_config(**overrides))
+    )
+    return server
+
+
+async def echo(session: Session) -> None:
+    """Echo replication messages and assets until the peer finishes both."""
+
+    async def replication() -> None:
+        async for message in session.replication:
+            await session.replication.send(message.payload, tick=message.tick)
+
+    async def assets() -> None:
+        while True:
+            try:
+                asset = await session.assets.receive()
+            except trio.EndOfChannel:
+                await session.assets.finish()
+                return
+            await session.assets.send(asset.name, asset.data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replication)
+        nursery.start_soon(assets)
+    await session.wait_closed()
+
+
+async def tasks_left_after(body: Callable[[], Awaitable[object]]) -> int:
+    """Run ``body`` in a task of its own; return how many tasks it left running below it."""
+    left: list[int] = []
+
+    async def run() -> None:
+        await body()
+        await trio.testing.wait_all_tasks_blocked()
+        left.append(count_tasks() - 1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+    return left[0]
+
+
+def count_tasks() -> int:
+    """Tasks alive under the current task (a test's own tasks, not its fixtures')."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
+    return walk(trio.lowlevel.current_task())
+
+
+def session_task_names() -> list[str]:
+    """Names of the session-layer tasks alive under the current task."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.startswith(("theta._session", "theta._replication", "theta._asset")):
+            names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    walk(trio.lowlevel.current_task())
+    return names

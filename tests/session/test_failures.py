@@ -1,0 +1,225 @@
+"""Sessions under failure: timeouts, refusals, permissions, crashes, shutdown, load."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.lowlevel
+
+import theta
+from theta import ErrorCode, HandshakeRejected, HandshakeTimeout, Role, Session, SessionClosed
+from theta._quic import ConnectionClosedByPeer, QuicConfig, open_quic_connection
+from theta.core import AssetChunk, ReplicationMessage
+
+from .helpers import certificate, client_config, echo, start_server, tasks_left_after
+
+
+async def test_handshake_timeout_for_a_silent_client(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, handshake_timeout=0.3)
+    config = QuicConfig(ca_certs=certificate().certificate_pem, server_name="localhost")
+    with trio.fail_after(5):
+        async with open_quic_connection("127.0.0.1", server.port, config) as connection:
+            stream = await connection.open_stream()  # never sends SessionHello
+            with pytest.raises(ConnectionClosedByPeer) as info:
+                await stream.receive_some()
+    assert info.value.code == ErrorCode.HANDSHAKE_TIMEOUT
+
+
+async def test_client_handshake_timeout_when_the_server_never_answers(
+    nursery: trio.Nursery,
+) -> None:
+    silent_config = QuicConfig(
+        certificate=certificate().certificate_pem, private_key=certificate().private_key_pem
+    )
+
+    async def silent(connection: object) -> None:
+        await trio.sleep_forever()
+
+    server = await nursery.start(theta._quic.serve_quic, silent, "127.0.0.1", 0, silent_config)
+    with trio.fail_after(5), pytest.raises(HandshakeTimeout) as info:
+        async with theta.connect("127.0.0.1", server.port, client_config(handshake_timeout=0.3)):
+            pytest.fail("the session must not be established")
+    assert info.value.code is ErrorCode.HANDSHAKE_TIMEOUT
+
+
+async def test_untrusted_certificate_is_a_transport_error(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    other_ca = theta.generate_self_signed_certificate().certificate_pem
+    config = theta.ClientConfig(ca_certs=other_ca, server_name="localhost")
+    with trio.fail_after(5), pytest.raises(theta.TransportError):
+        async with theta.connect("127.0.0.1", server.port, config):
+            pytest.fail("the session must not be established")
+
+
+async def test_authenticator_refusal_is_auth_failed(nursery: trio.Nursery) -> None:
+    tokens: list[bytes] = []
+
+    def authenticate(token: bytes, key: bytes, address: tuple[str, int] | None) -> int | None:
+        tokens.append(token)
+        return int(Role.REPLICATE) if token == b"letmein" else None
+
+    server = await start_server(nursery, echo, authenticator=authenticate)
+    with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+        async with theta.connect("127.0.0.1", server.port, client_config(auth_token=b"wrong")):
+            pytest.fail("the session must not be established")
+    assert info.value.code is ErrorCode.AUTH_FAILED
+    with trio.fail_after(5):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(auth_token=b"letmein")
+        ) as session:
+            assert session.role == Role.REPLICATE
+    assert tokens == [b"wrong", b"letmein"]
+
+
+async def test_heartbeat_timeout_closes_the_session(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, heartbeat_interval=0.1, heartbeat_timeout=0.3)
+    quiet = client_config(heartbeat_interval=60.0, heartbeat_timeout=120.0)  # one heartbeat
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, quiet) as session:
+            closed = await session.wait_closed()
+    assert closed.by_peer
+    assert closed.code == ErrorCode.HEARTBEAT_TIMEOUT
+
+
+async def test_permission_denied_for_replication_without_the_role(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, default_role=Role.UPLOAD_ASSETS)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            assert session.role == Role.UPLOAD_ASSETS
+            with pytest.raises(PermissionError):
+                await session.replication.send(b"x", tick=1)  # refused locally
+            await session.replication._framed.send(ReplicationMessage(1, 0, b"x"))  # bypass
+            closed = await session.wait_closed()
+    assert closed.by_peer
+    assert closed.code == ErrorCode.PERMISSION_DENIED
+
+
+async def test_permission_denied_for_assets_without_the_role(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, default_role=Role.REPLICATE)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            with pytest.raises(PermissionError):
+                await session.assets.send("a", b"data")
+            await session.assets._framed.send(AssetChunk(1, 0, 1, "a", b"d"))
+            closed = await session.wait_closed()
+    assert closed.code == ErrorCode.PERMISSION_DENIED
+
+
+async def test_handler_exception_closes_only_its_session(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(session: Session) -> None:
+        message = await session.replication.receive()
+        if message.payload == b"crash":
+            raise RuntimeError("handler bug")
+        await session.replication.send(message.payload, tick=message.tick)
+        await session.wait_closed()
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as healthy:
+            async with theta.connect("127.0.0.1", server.port, client_config()) as doomed:
+                await doomed.replication.send(b"crash", tick=1)
+                closed = await doomed.wait_closed()
+                assert closed.code == ErrorCode.INTERNAL_ERROR
+                assert closed.by_peer
+            await healthy.replication.send(b"still fine", tick=2)
+            assert (await healthy.replication.receive()).payload == b"still fine"
+    assert any("handler failed" in record.message for record in caplog.records)
+    assert any(record.levelno == logging.ERROR for record in caplog.records)
+
+
+async def test_graceful_server_shutdown_says_going_away() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server_scope = trio.CancelScope()
+
+            async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
+                with server_scope:
+                    await theta.serve(
+                        echo, "127.0.0.1", 0, _server_config(), task_status=task_status
+                    )
+
+            server: theta.Server = await nursery.start(run_server)
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                await session.replication.send(b"ping", tick=1)
+                await session.replication.receive()  # the server's session is running
+                assert len(server.sessions) == 1
+                server_scope.cancel()
+                closed = await session.wait_closed()
+                with pytest.raises(SessionClosed):
+                    await session.replication.receive()
+    assert closed.by_peer
+    assert closed.code == ErrorCode.GOING_AWAY
+
+
+def _server_config() -> theta.ServerConfig:
+    from .helpers import server_config
+
+    return server_config()
+
+
+async def test_client_close_with_code_reaches_the_server(nursery: trio.Nursery) -> None:
+    seen: list[SessionClosed] = []
+
+    async def handler(session: Session) -> None:
+        seen.append(await session.wait_closed())
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.close(ErrorCode.GOING_AWAY, "level change")
+            await session.close()  # idempotent
+            with pytest.raises(SessionClosed):
+                await session.replication.send(b"late", tick=9)
+        while not seen:
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.lowlevel.checkpoint()
+    assert seen[0].by_peer
+    assert seen[0].code == ErrorCode.GOING_AWAY
+    assert seen[0].reason == "level change"
+
+
+async def test_session_over_ipv6_loopback(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, host="::1")
+    with trio.fail_after(5):
+        async with theta.connect("::1", server.port, client_config()) as session:
+            await session.replication.send(b"v6", tick=6)
+            assert (await session.replication.receive()).payload == b"v6"
+
+
+async def test_fifty_concurrent_sessions(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    results: list[bytes] = []
+
+    async def one(index: int) -> None:
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"client %d" % index, tick=index)
+            results.append((await session.replication.receive()).payload)
+
+    async def all_clients() -> None:
+        async with trio.open_nursery() as clients:
+            for index in range(50):
+                clients.start_soon(one, index)
+
+    with trio.fail_after(60):
+        assert await tasks_left_after(all_clients) == 0
+    assert sorted(results) == sorted(b"client %d" % i for i in range(50))
+
+
+async def test_handler_failing_with_another_sessions_error_closes_its_own(
+    nursery: trio.Nursery,
+) -> None:
+    async def relay(session: Session) -> None:
+        await session.replication.receive()
+        raise SessionClosed(ErrorCode.GOING_AWAY, "the other side left", by_peer=True)
+
+    server = await start_server(nursery, relay)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"hi", tick=1)
+            closed = await session.wait_closed()
+    assert closed.by_peer
+    assert closed.code == ErrorCode.NO_ERROR

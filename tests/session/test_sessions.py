@@ -1,0 +1,268 @@
+"""Sessions end to end on loopback: the design review's scenarios and the session contract."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import pytest
+import trio
+
+import theta
+from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
+from theta.core import ClientHandshake, ReplicationMessage
+
+from .helpers import client_config, echo, session_task_names, start_server, tasks_left_after
+
+
+async def wait_for_heartbeat(session: Session) -> theta.TransportDiagnostics:
+    """The first diagnostics snapshot with an RTT sample."""
+    async for snapshot in session.watch_diagnostics(0.005):
+        if snapshot.rtt_latest is not None:
+            return snapshot
+    raise AssertionError("session closed before any heartbeat round trip")
+
+
+async def test_quic_handshake_and_heartbeat_updates_metrics(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            with trio.fail_after(0.25):
+                async for snapshot in session.watch_diagnostics(0.005):
+                    if snapshot.heartbeats_received and snapshot.heartbeats_sent:
+                        break
+            assert snapshot.datagrams_sent > 0
+            assert snapshot.datagrams_received > 0
+            snapshot = await wait_for_heartbeat(session)  # the first echo: one interval later
+            assert snapshot.heartbeats_sent >= 1
+            assert snapshot.heartbeats_received >= 1
+            assert snapshot.rtt_latest is not None
+            assert snapshot.rtt_latest >= 0
+            assert snapshot.jitter is not None
+            assert snapshot.jitter >= 0
+            assert snapshot.datagrams_sent > 0
+            assert snapshot.datagrams_received > 0
+            assert snapshot.bytes_sent > 0
+            assert snapshot.bytes_received > 0
+            assert snapshot.compression_ratio is None  # nothing compressed yet
+
+
+async def test_handshake_validates_protocol_version(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start_server(nursery, echo)
+    monkeypatch.setattr(
+        "theta._client.ClientHandshake", functools.partial(ClientHandshake, protocol_version=2)
+    )
+    with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            pytest.fail("the session must not be established")
+    assert info.value.code is ErrorCode.VERSION_MISMATCH
+    assert info.value.server_protocol_version == 1
+
+
+async def test_handshake_validates_schema_hash(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, manifest={"Position": "x:f32,y:f32,z:f32"})
+    config = client_config(manifest={"Position": "x:f64,y:f64,z:f64"})
+    with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+        async with theta.connect("127.0.0.1", server.port, config):
+            pytest.fail("the session must not be established")
+    assert info.value.code is ErrorCode.SCHEMA_MISMATCH
+    assert info.value.server_schema_hash == theta.core.schema_hash(
+        {"Position": "x:f32,y:f32,z:f32"}
+    )
+    assert "SCHEMA_MISMATCH" in str(info.value)
+
+
+async def test_capability_negotiation_filters_unsupported(nursery: trio.Nursery) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    async def handler(session: Session) -> None:
+        seen.append(session.negotiated_capabilities)
+        await echo(session)
+
+    server = await start_server(nursery, handler, capabilities=(1, 2, 3))
+    with trio.fail_after(5):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(capabilities=(2, 4, 5))
+        ) as session:
+            assert session.negotiated_capabilities == (2,)
+    assert seen == [(2,)]
+
+
+async def test_handshake_exchanges_public_keys(nursery: trio.Nursery) -> None:
+    server_side: list[Session] = []
+
+    async def handler(session: Session) -> None:
+        server_side.append(session)
+        await echo(session)
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"sync", tick=1)
+            await session.replication.receive()  # the handler has run by now
+            (peer,) = server_side
+            assert len(session.public_key) == len(session.peer_public_key) == 32
+            assert session.peer_public_key == peer.public_key
+            assert peer.peer_public_key == session.public_key
+            assert session.session_id == peer.session_id != 0
+            assert session.role == peer.role == Role.REPLICATE | Role.UPLOAD_ASSETS
+            assert peer.peer_address[1] != server.port
+
+
+async def test_multiple_clients_receive_heartbeats_independently(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    session_ids = set()
+    for _ in range(2):
+        with trio.fail_after(5):
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                snapshot = await wait_for_heartbeat(session)
+                assert snapshot.heartbeats_received >= 1
+                session_ids.add(session.session_id)
+    assert len(session_ids) == 2
+
+
+async def test_assets_stream_transfers_large_payloads(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    payload = os.urandom(2 * 1024 * 1024)
+    progress: list[int] = []
+    with trio.fail_after(20):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            asset_id = await session.assets.send(
+                "world.bin", payload, progress=lambda sent, total: progress.append(sent)
+            )
+            await session.assets.finish()
+            echoed = await session.assets.receive()
+            assert (echoed.name, len(echoed.data)) == ("world.bin", len(payload))
+            assert hashlib.sha256(echoed.data).digest() == hashlib.sha256(payload).digest()
+            with pytest.raises(trio.EndOfChannel):
+                await session.assets.receive()  # the server finished after echoing
+    assert asset_id == 1
+    assert progress[-1] == len(payload)
+    assert progress == sorted(progress)
+
+
+async def test_streamed_asset_from_async_iterable(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    pieces = [os.urandom(n) for n in (1, 70_000, 0, 5, 200_000)]
+
+    async def produce() -> object:
+        for piece in pieces:
+            yield piece
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.assets.send("stream.bin", produce(), total_size=sum(map(len, pieces)))  # type: ignore[arg-type]
+            echoed = await session.assets.receive()
+            assert echoed.data == b"".join(pieces)
+
+
+async def test_replication_round_trip_with_compression(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            assert theta.CAP_ZSTD in session.negotiated_capabilities
+            for tick in range(1, 21):
+                await session.replication.send(b"position=%d;" % tick * 40, tick=tick)
+            for tick in range(1, 21):
+                message = await session.replication.receive()
+                assert message == ReplicationMessage(tick, 0, b"position=%d;" % tick * 40, 0)
+            ratio = session.diagnostics().compression_ratio
+            assert ratio is not None
+            assert ratio > 2
+
+
+async def test_heartbeat_tasks_stop_after_connection_drop(nursery: trio.Nursery) -> None:
+    dropped = trio.Event()
+
+    async def drop(session: Session) -> None:
+        session._connection.close_nowait(ErrorCode.INTERNAL_ERROR, "dropped")
+        dropped.set()
+        await trio.sleep_forever()
+
+    server = await start_server(nursery, drop)
+
+    async def scenario() -> None:
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            closed = await session.wait_closed()
+            assert closed.by_peer
+            assert closed.code == ErrorCode.INTERNAL_ERROR
+            await trio.testing.wait_all_tasks_blocked()
+            # The heartbeat sender and receiver (and every other session task) are gone
+            # while the application still holds the session: only the block's task is left.
+            assert session_task_names() == []
+            with pytest.raises(SessionClosed):
+                await session.replication.send(b"x", tick=1)
+
+    with trio.fail_after(5):
+        assert await tasks_left_after(scenario) == 0
+    await dropped.wait()
+
+
+async def test_every_session_task_gone_after_teardown(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+
+    async def scenario() -> None:
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await wait_for_heartbeat(session)
+            assert len(session_task_names()) >= 5
+
+    with trio.fail_after(5):
+        assert await tasks_left_after(scenario) == 0
+    with trio.fail_after(5):
+        while server.sessions:  # the server side sees the close too
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_data_sent_before_a_graceful_close_is_delivered(nursery: trio.Nursery) -> None:
+    received: list[int] = []
+    done = trio.Event()
+
+    async def sink(session: Session) -> None:
+        async for message in session.replication:
+            received.append(message.tick)
+        done.set()
+
+    server = await start_server(nursery, sink)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            for tick in range(1, 201):
+                await session.replication.send(b"%d" % tick * 100, tick=tick)
+        await done.wait()
+    assert received == list(range(1, 201))
+
+
+async def test_assets_iterate_until_the_peer_finishes(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            for index in range(3):
+                await session.assets.send(f"asset-{index}", os.urandom(1000 * index))
+            await session.assets.send("empty", b"")
+            await session.assets.finish()
+            names = [asset.name async for asset in session.assets]
+    assert names == ["asset-0", "asset-1", "asset-2", "empty"]
+
+
+async def test_server_unreachable() -> None:
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
+        await silent.bind(("127.0.0.1", 0))  # bound, never answers
+        port = silent.getsockname()[1]
+        with trio.fail_after(5), pytest.raises(theta.ServerUnreachable) as info:
+            async with theta.connect("127.0.0.1", port, client_config(handshake_timeout=0.3)):
+                pytest.fail("nothing should answer")
+    assert isinstance(info.value, theta.HandshakeTimeout)
+    assert info.value.code is ErrorCode.HANDSHAKE_TIMEOUT
+
+
+def test_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        client_config(heartbeat_interval=5.0, heartbeat_timeout=5.0)
+    with pytest.raises(ValueError, match="capability"):
+        client_config(capabilities=(2**32,))
+    with pytest.raises(ValueError, match="asset_chunk_size"):
+        client_config(asset_chunk_size=0)
+    config = client_config(manifest={"A": "x:f32"})
+    assert config.schema_hash == theta.core.schema_hash({"A": "x:f32"})

@@ -1,0 +1,205 @@
+"""The ``theta`` command line, run for real in subprocesses on loopback.
+
+Every wait is bounded: subprocess timeouts, and the server's ``listening on`` line is read
+with a deadline (no sleeps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+THETA = [sys.executable, "-m", "theta"]
+TIMEOUT = 20.0  # seconds for any one command
+
+
+def theta(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m theta ARGS`` to completion."""
+    return subprocess.run(
+        [*THETA, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
+    )
+
+
+def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``process`` writes to stdout, within ``timeout`` seconds."""
+    assert process.stdout is not None
+    fd, data, deadline = process.stdout.fileno(), b"", time.monotonic() + timeout
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        readable, _, _ = select.select([fd], [], [], max(remaining, 0))
+        if not readable:
+            raise AssertionError(f"no line on stdout within {timeout} s (got {data!r})")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise AssertionError(f"stdout ended before a full line (got {data!r})")
+        data += chunk
+    return data.split(b"\n", 1)[0].decode()
+
+
+@contextlib.contextmanager
+def echo_server(
+    certificate: tuple[Path, Path], listen: str = "127.0.0.1:0", *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A running ``theta echo-server``; yields it and its ``listening on`` line."""
+    cert, key = certificate
+    command = [*THETA, "echo-server", "--listen", listen, "--cert", str(cert), "--key", str(key)]
+    with subprocess.Popen(
+        [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        try:
+            yield process, read_line(process, timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=TIMEOUT)
+
+
+def port_of(line: str) -> str:
+    match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)", line)
+    assert match, line
+    assert int(match[1]) > 0
+    return match[1]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``theta cert --name localhost``: the certificate and key files."""
+    directory = tmp_path_factory.mktemp("cert")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    result = theta("cert", "--name", "localhost", "--cert-out", str(cert), "--key-out", str(key))
+    assert result.returncode == 0, result.stderr
+    assert "localhost" in result.stdout
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def server_port(certificate: tuple[Path, Path]) -> Iterator[str]:
+    """The port of one echo server shared by the client tests."""
+    with echo_server(certificate) as (_, line):
+        yield port_of(line)
+
+
+def echo_client(
+    certificate: tuple[Path, Path], port: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cert, _ = certificate
+    connect = ["--connect", f"127.0.0.1:{port}", "--server-name", "localhost"]
+    return theta("echo-client", *connect, "--ca", str(cert), *extra, env=env)
+
+
+def test_cert_writes_certificate_and_private_key(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    names = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert set(names.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_echo_client_round_trip(certificate: tuple[Path, Path], server_port: str) -> None:
+    result = echo_client(certificate, server_port, "--messages", "50", "--asset-size", "300000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: 50 messages and a 300000-byte asset echoed intact")
+    assert result.stderr == ""
+
+
+def test_echo_client_writes_tls_key_log(
+    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
+) -> None:
+    key_log = tmp_path / "keys.log"
+    env = {**os.environ, "SSLKEYLOGFILE": str(key_log)}
+    result = echo_client(certificate, server_port, "--messages", "1", "--asset-size", "0", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "CLIENT_HANDSHAKE_TRAFFIC_SECRET" in key_log.read_text()
+
+
+def test_schema_mismatch_exits_3_with_one_line(
+    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"Position": "x:f32,y:f32"}')
+    result = echo_client(certificate, server_port, "--manifest", str(manifest))
+    assert result.returncode == 3
+    assert len(result.stderr.splitlines()) == 1
+    assert "SCHEMA_MISMATCH" in result.stderr
+
+
+def test_invalid_manifest_is_a_usage_error(
+    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('["not", "an", "object"]')
+    result = echo_client(certificate, server_port, "--manifest", str(manifest))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "--manifest" in result.stderr
+
+
+def test_wrong_ca_fails_with_one_line(
+    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.pem"
+    result = theta(
+        "cert", "--name", "localhost", "--cert-out", str(other), "--key-out", str(tmp_path / "k")
+    )
+    assert result.returncode == 0, result.stderr
+    result = echo_client((other, other), server_port)
+    assert result.returncode == 4
+    assert len(result.stderr.splitlines()) == 1
+    assert "error" in result.stderr
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_ipv6_listen_address_is_printed_bracketed(certificate: tuple[Path, Path]) -> None:
+    with echo_server(certificate, "[::1]:0") as (_, line):
+        match = re.fullmatch(r"listening on \[::1\]:(\d+)", line)
+        assert match, line
+        result = theta(
+            "echo-client", "--connect", f"[::1]:{match[1]}", "--ca", str(certificate[0]),
+            "--messages", "3", "--asset-size", "1000",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+
+def test_sigint_stops_the_server_with_130(certificate: tuple[Path, Path]) -> None:
+    with echo_server(certificate) as (process, line):
+        port_of(line)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=5)
+        assert process.returncode == 130
+        assert b"Traceback" not in stderr
+
+
+def test_demo_runs_and_prints_a_summary() -> None:
+    result = theta("demo", "--duration", "2")
+    assert result.returncode == 0, result.stderr
+    assert "summary after" in result.stdout
+    assert "client" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,137 @@
+"""The assets channel of a session: large binary transfers, chunked per spec 4.5."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import TYPE_CHECKING
+
+from theta._channel import DataChannel, ReceiveIterator
+from theta._framed import FramedStream
+from theta.core import (
+    Asset,
+    AssetAssembler,
+    AssetChunk,
+    AssetProgress,
+    AssetSender,
+    Message,
+    Role,
+    chunk_asset,
+    max_chunk_data_for,
+)
+
+if TYPE_CHECKING:
+    from theta._config import ClientConfig, ServerConfig
+    from theta._session import Session
+
+__all__ = ["AssetChannel"]
+
+Progress = Callable[[int, int], object]
+"""``progress(bytes_sent, total_size)``, called after each chunk is handed to QUIC."""
+
+
+class AssetChannel(DataChannel[AssetProgress]):
+    """Send assets and receive them whole (:meth:`receive`) or chunk by chunk
+    (:meth:`receive_chunk`, for assets too large to hold) — use one style per session.
+
+    Received chunks wait in a bounded queue; while it is full the session stops reading the
+    stream and QUIC flow control slows the peer down.
+    """
+
+    _permission = Role.UPLOAD_ASSETS
+    _action = "upload assets"
+
+    def __init__(
+        self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
+    ) -> None:
+        super().__init__(session, framed, config.receive_queue)
+        self._chunk_size = config.asset_chunk_size
+        self._frame_limit = config.frame_limits.assets
+        self._assembler = AssetAssembler(
+            max_asset_size=config.max_asset_size,
+            max_unfinished_bytes=config.max_buffered_asset_bytes,
+        )
+        self._partial: dict[int, bytearray] = {}
+        self._next_id = 1
+
+    def _max_chunk_data(self, name: str) -> int:
+        return min(self._chunk_size, max_chunk_data_for(self._frame_limit, name))
+
+    async def send(
+        self,
+        name: str,
+        data: bytes | bytearray | memoryview | AsyncIterable[bytes],
+        *,
+        total_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Send one asset named ``name``; return its asset id.
+
+        ``data`` is the whole asset, or an async iterable of pieces of any size adding up to
+        ``total_size`` (required then; ``ValueError`` if the pieces do not add up — the
+        asset is then left unfinished). Chunks of concurrent sends interleave. Raises
+        :class:`SessionClosed` once the session is over and ``PermissionError`` if this
+        client's role lacks ``UPLOAD_ASSETS``.
+        """
+        self._check_may_send()
+        if not name:
+            raise ValueError("an asset needs a non-empty name")
+        asset_id = self._next_id
+        self._next_id = self._next_id % (2**64 - 1) + 1
+        limit = self._max_chunk_data(name)
+        if isinstance(data, bytes | bytearray | memoryview):
+            total = len(data)
+            await self._send_chunks(
+                chunk_asset(asset_id, name, data, max_chunk_data=limit), total, progress
+            )
+            return asset_id
+        if total_size is None:
+            raise ValueError("total_size is required when data is an async iterable")
+        sender = AssetSender(asset_id, name, total_size, limit)
+        async for piece in data:
+            await self._send_chunks(sender.feed(piece), total_size, progress)
+        await self._send_chunks(sender.finish(), total_size, progress)
+        return asset_id
+
+    async def _send_chunks(
+        self, chunks: Iterable[AssetChunk], total: int, progress: Progress | None
+    ) -> None:
+        for chunk in chunks:
+            await self._session._guard(self._framed.send(chunk))
+            if progress is not None:
+                progress(chunk.offset + len(chunk.data), total)
+
+    async def receive(self) -> Asset:
+        """The next complete asset from the peer.
+
+        Raises ``trio.EndOfChannel`` once the peer finished its direction and
+        :class:`SessionClosed` once the session is over.
+        """
+        while True:
+            chunk = await self.receive_chunk()
+            if chunk.first and chunk.complete:
+                return Asset(chunk.asset_id, chunk.name, chunk.data)
+            buffer = self._partial.setdefault(chunk.asset_id, bytearray())
+            buffer += chunk.data
+            if chunk.complete:
+                del self._partial[chunk.asset_id]
+                return Asset(chunk.asset_id, chunk.name, bytes(buffer))
+
+    def __aiter__(self) -> ReceiveIterator[Asset]:
+        """``async for asset in session.assets``: whole assets, see :class:`ReceiveIterator`."""
+        return ReceiveIterator(self.receive)
+
+    async def receive_chunk(self) -> AssetProgress:
+        """The next validated chunk (offset, data, whether it completes its asset)."""
+        return await self._next()
+
+    async def finish(self) -> None:
+        """End this side's direction (FIN): no more assets follow. Call it only when no
+        asset is half sent, or the peer rejects the stream (``MALFORMED_FRAME``)."""
+        await super().finish()
+
+    def _accept(self, message: Message) -> AssetProgress:
+        assert isinstance(message, AssetChunk)  # the decoder checked the type
+        return self._assembler.receive(message)
+
+    def _end_of_stream(self) -> None:
+        self._assembler.end_of_stream()

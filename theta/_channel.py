@@ -1,0 +1,111 @@
+"""What the replication and assets channels share: one stream, an inbox, permissions."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import trio
+
+from theta._errors import SessionClosed
+from theta._framed import FramedStream
+from theta.core import ErrorCode, Message, PermissionDenied, Role
+
+if TYPE_CHECKING:
+    from theta._session import Session
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+_GRACEFUL = frozenset({ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY})
+
+
+class ReceiveIterator(Generic[U]):
+    """``async for`` over a channel: ends when the peer finishes its direction or the
+    session closes gracefully (``NO_ERROR``/``GOING_AWAY``); a session that ends with an
+    error raises its :class:`~theta.SessionClosed`. Safe to leave early."""
+
+    def __init__(self, receive: Callable[[], Awaitable[U]]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> ReceiveIterator[U]:
+        return self
+
+    async def __anext__(self) -> U:
+        try:
+            return await self._receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        except SessionClosed as closed:
+            if closed.code in _GRACEFUL:
+                raise StopAsyncIteration from None
+            raise
+
+
+class DataChannel(Generic[T]):
+    """A data channel of a session: frames out through the stream, received items in
+    through a bounded inbox (while it is full the reader stops reading and QUIC flow
+    control slows the peer down).
+
+    Subclasses say which role bit permits sending (:attr:`_permission`) and turn each
+    received message into an item (:meth:`_accept`).
+    """
+
+    _permission: Role
+    _action: str
+
+    def __init__(self, session: Session, framed: FramedStream, queue_size: int) -> None:
+        self._session = session
+        self._framed = framed
+        self._inbox_send, self._inbox = trio.open_memory_channel[T](queue_size)
+        self._drained = trio.Event()
+        """Set once the peer's direction ended (or the reader stopped)."""
+
+    def _check_may_send(self) -> None:
+        self._session._check_open()
+        if self._session.is_client and not self._session.role & self._permission:
+            raise PermissionError(f"role {self._session.role!r} may not {self._action}")
+
+    async def _next(self) -> T:
+        try:
+            return await self._inbox.receive()
+        except trio.EndOfChannel:
+            if self._session.closed is not None:
+                raise self._session.closed from None
+            raise
+
+    async def finish(self) -> None:
+        """End this side's direction (FIN); the peer's direction stays open."""
+        await self._session._guard(self._framed.send_eof())
+
+    async def _finish_quietly(self) -> None:
+        """FIN our direction if it is still open (closing the session)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._framed.send_eof()
+
+    def _session_closed(self) -> None:
+        self._inbox_send.close()
+
+    def _accept(self, message: Message) -> T:
+        raise NotImplementedError
+
+    def _end_of_stream(self) -> None:
+        """The peer finished its direction (FIN on a frame boundary)."""
+
+    async def _reader(self) -> None:
+        try:
+            await self._read_until_end()
+        finally:
+            self._drained.set()
+
+    async def _read_until_end(self) -> None:
+        while True:
+            message = await self._framed.receive()
+            if message is None:
+                self._end_of_stream()
+                self._inbox_send.close()
+                return
+            if not self._session.is_client and not self._session.role & self._permission:
+                raise PermissionDenied(f"this client's role does not allow it to {self._action}")
+            await self._inbox_send.send(self._accept(message))

@@ -1,0 +1,134 @@
+"""``theta.connect``: open a session to a server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import trio
+
+from theta._config import ClientConfig
+from theta._errors import ServerUnreachable
+from theta._framed import FramedStream
+from theta._groups import single_error
+from theta._quic import ConnectionClosedByPeer, QuicConnection, open_quic_connection
+from theta._quic import HandshakeTimeout as QuicHandshakeTimeout
+from theta._session import Session
+from theta._transport import client_quic_config
+from theta.core import (
+    Channel,
+    ChannelOpen,
+    ClientHandshake,
+    ErrorCode,
+    FrameDecoder,
+    HandshakeFailed,
+    HandshakeRejected,
+    HandshakeTimeout,
+    ProtocolError,
+)
+
+__all__ = ["connect"]
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    host: str, port: int, config: ClientConfig | None = None
+) -> AsyncIterator[Session]:
+    """Open a Theta session to ``host:port``; yield it once established.
+
+    Establishing means QUIC + TLS, the signed handshake and the replication and assets
+    channels, all within ``config.handshake_timeout``. Raises :class:`HandshakeRejected`
+    (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
+    bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when not even
+    QUIC answered), or the transport's error (e.g. the certificate was refused). Leaving
+    the block closes the session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block
+    raised) and stops all its tasks.
+    """
+    config = config or ClientConfig()
+    deadline = trio.current_time() + config.handshake_timeout
+    with single_error():
+        try:
+            quic = open_quic_connection(host, port, client_quic_config(config))
+            async with quic as connection:
+                session = await _establish(connection, config, deadline)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(session.run)
+                    try:
+                        yield session
+                    except BaseException as error:
+                        failed = isinstance(error, Exception) and not isinstance(
+                            error, trio.Cancelled
+                        )
+                        code = ErrorCode.INTERNAL_ERROR if failed else ErrorCode.GOING_AWAY
+                        await session.close(
+                            code, "client stopped" if not failed else "client error"
+                        )
+                        raise
+                    await session.close()
+        except QuicHandshakeTimeout:
+            raise ServerUnreachable(
+                f"no QUIC handshake with {host}:{port} within {config.handshake_timeout} s"
+            ) from None
+
+
+async def _establish(connection: QuicConnection, config: ClientConfig, deadline: float) -> Session:
+    machine = ClientHandshake(
+        schema_hash=config.schema_hash,
+        capabilities=config.capabilities,
+        auth_token=config.auth_token,
+        signing_key=config.signing_key,
+        timeout=config.handshake_timeout,
+    )
+    limits = config.frame_limits
+    with trio.move_on_at(deadline):
+        try:
+            control = FramedStream(
+                await connection.open_stream(), FrameDecoder(Channel.CONTROL, limits=limits)
+            )
+            await control.send(machine.start(trio.current_time()))
+            reply = await control.receive()
+            if reply is None:
+                raise HandshakeFailed("the server ended the control stream during the handshake")
+            await control.send(machine.receive(reply, trio.current_time()))
+            channels = []
+            for channel in (Channel.REPLICATION, Channel.ASSETS):
+                stream = FramedStream(
+                    await connection.open_stream(), FrameDecoder(channel, limits=limits)
+                )
+                await stream.send(ChannelOpen(channel))
+                channels.append(stream)
+        except HandshakeRejected as error:
+            connection.close_nowait(error.code, error.reason[:200])
+            raise
+        except ProtocolError as error:
+            connection.close_nowait(error.code, error.reason[:200])
+            if isinstance(error, HandshakeFailed | HandshakeTimeout):
+                raise
+            raise HandshakeFailed(error.reason, error.code) from None
+        except ConnectionClosedByPeer as error:
+            raise _closed_during_handshake(error) from None
+        replication, assets = channels
+        return Session(
+            connection=connection,
+            control=control,
+            replication=replication,
+            assets=assets,
+            handshake=machine,
+            config=config,
+            established_at=trio.current_time(),
+        )
+    connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")
+    raise HandshakeTimeout(f"the session was not established within {config.handshake_timeout} s")
+
+
+def _closed_during_handshake(error: ConnectionClosedByPeer) -> ProtocolError:
+    """The server closed the connection before its SessionReject could be read."""
+    try:
+        code = ErrorCode(error.code)
+    except ValueError:
+        code = ErrorCode.PROTOCOL_VIOLATION
+    if code is ErrorCode.NO_ERROR:
+        return HandshakeFailed("the server closed the connection during the handshake")
+    return HandshakeRejected(
+        error.reason or code.name, code, server_protocol_version=None, server_schema_hash=None
+    )

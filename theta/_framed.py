@@ -1,0 +1,51 @@
+"""A trio stream carrying Theta frames: messages in, messages out."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from theta.core import FrameDecoder, Message, encode_frame
+
+_READ_SIZE = 256 * 1024
+
+
+class FramedStream:
+    """Frames over one ``trio.abc.HalfCloseableStream``.
+
+    ``receive()`` returns the next message or ``None`` at a clean end of stream and raises
+    :class:`~theta.core.ProtocolError` for bad frames; ``send()`` is safe to call from
+    several tasks (frames are never interleaved).
+    """
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder) -> None:
+        self.stream = stream
+        self.decoder = decoder
+        self._pending: deque[Message] = deque()
+        self._send_lock = trio.StrictFIFOLock()
+        self._ended = False
+
+    async def receive(self) -> Message | None:
+        """The next message, or ``None`` once the peer ended the stream on a boundary."""
+        while not self._pending:
+            if self._ended:
+                return None
+            data = await self.stream.receive_some(_READ_SIZE)
+            if not data:
+                self._ended = True
+                self.decoder.end_of_stream()
+                return None
+            self._pending.extend(self.decoder.feed(data))
+        return self._pending.popleft()
+
+    async def send(self, message: Message) -> None:
+        """Encode ``message`` and send it whole."""
+        frame = encode_frame(message)
+        async with self._send_lock:
+            await self.stream.send_all(frame)
+
+    async def send_eof(self) -> None:
+        """End our direction of the stream (FIN) after any frame being sent."""
+        async with self._send_lock:
+            await self.stream.send_eof()

@@ -1,0 +1,86 @@
+"""The replication channel of a session: state deltas, both ways, with backpressure."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from theta._channel import DataChannel, ReceiveIterator
+from theta._framed import FramedStream
+from theta.core import (
+    CAP_ZSTD,
+    Message,
+    ReplicationMessage,
+    ReplicationReceiver,
+    ReplicationSender,
+    Role,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from theta._config import ClientConfig, ServerConfig
+    from theta._session import Session
+
+__all__ = ["ReplicationChannel"]
+
+# Frame bytes around a replication payload, at most (largest scalars, alignment padding).
+_FRAME_OVERHEAD = len(encode_frame(ReplicationMessage(2**64 - 1, 2**32 - 1, b"", 2**32 - 1))) + 8
+
+
+class ReplicationChannel(DataChannel[ReplicationMessage]):
+    """Send and receive replication messages (application state deltas).
+
+    Received messages wait in a bounded queue (``receive_queue``); while it is full the
+    session stops reading the stream and QUIC flow control slows the peer down. With
+    ``CAP_ZSTD`` negotiated, payloads are compressed when that makes them smaller and
+    always handed to the application decompressed.
+    """
+
+    _permission = Role.REPLICATE
+    _action = "send replication messages"
+
+    def __init__(
+        self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
+    ) -> None:
+        super().__init__(session, framed, config.receive_queue)
+        zstd = CAP_ZSTD in session.negotiated_capabilities
+        self._sender = ReplicationSender(
+            zstd_negotiated=zstd, max_payload=config.frame_limits.replication - _FRAME_OVERHEAD
+        )
+        self._receiver = ReplicationReceiver(
+            zstd_negotiated=zstd, max_payload=config.frame_limits.replication
+        )
+        self._zstd = zstd
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Uncompressed ÷ sent payload bytes, or ``None`` until zstd is negotiated and used."""
+        stats = self._sender.stats
+        if not self._zstd or not stats.compressed_messages:
+            return None
+        return stats.ratio
+
+    async def send(self, payload: bytes, *, tick: int) -> None:
+        """Send ``payload`` for simulation ``tick``.
+
+        Blocks while the transport's send buffer is full. Raises :class:`SessionClosed`
+        once the session is over, ``PermissionError`` if this client's role lacks
+        ``REPLICATE``, ``ValueError`` for a payload above the replication frame limit.
+        """
+        self._check_may_send()
+        await self._session._guard(self._framed.send(self._sender.message(tick, payload)))
+
+    async def receive(self) -> ReplicationMessage:
+        """The next message from the peer (``payload`` decompressed, ``flags`` 0).
+
+        Raises ``trio.EndOfChannel`` once the peer finished its direction and
+        :class:`SessionClosed` once the session is over (after the queued messages).
+        """
+        return await self._next()
+
+    def __aiter__(self) -> ReceiveIterator[ReplicationMessage]:
+        """``async for message in session.replication``: see :class:`ReceiveIterator`."""
+        return ReceiveIterator(self.receive)
+
+    def _accept(self, message: Message) -> ReplicationMessage:
+        assert isinstance(message, ReplicationMessage)  # the decoder checked the type
+        return ReplicationMessage(message.tick, 0, self._receiver.receive(message), 0)

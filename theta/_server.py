@@ -1,0 +1,223 @@
+"""``theta.serve``: accept sessions and run a handler for each."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import trio
+
+from theta._config import ServerConfig
+from theta._framed import FramedStream
+from theta._groups import single_error
+from theta._quic import QuicConnection, QuicConnectionError, QuicServer, serve_quic
+from theta._session import Session
+from theta._transport import server_quic_config
+from theta.core import (
+    Channel,
+    ErrorCode,
+    FrameDecoder,
+    Message,
+    ProtocolError,
+    ProtocolViolation,
+    ServerHandshake,
+    SessionReject,
+)
+
+__all__ = ["Server", "SessionHandler", "serve"]
+
+logger = logging.getLogger("theta")
+
+SessionHandler = Callable[[Session], Awaitable[object]]
+"""``await handler(session)`` runs once per established session."""
+
+_SHUTDOWN_GRACE = 2.0  # longest wait for sessions to close on shutdown
+_REJECT_GRACE = 1.0  # longest wait for a SessionReject to be acknowledged
+
+
+class Server:
+    """A running server, handed to ``task_status.started()`` by :func:`serve`."""
+
+    def __init__(self, transport: QuicServer, sessions: set[Session]) -> None:
+        self._transport = transport
+        self._sessions = sessions
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when 0 was asked for."""
+        address = self._transport.address
+        return str(address[0]), int(address[1])
+
+    @property
+    def port(self) -> int:
+        """The bound UDP port."""
+        return self.address[1]
+
+    @property
+    def sessions(self) -> frozenset[Session]:
+        """The established sessions right now."""
+        return frozenset(self._sessions)
+
+
+async def serve(
+    handler: SessionHandler,
+    host: str,
+    port: int,
+    config: ServerConfig,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve Theta sessions on ``host:port`` (UDP) until cancelled.
+
+    Calls ``task_status.started(server)`` once bound. Each connection runs the handshake
+    (refusals answer ``SessionReject`` and close with its code; a silent client is closed
+    with ``HANDSHAKE_TIMEOUT``), then ``await handler(session)`` inside the session's
+    nursery. A handler returning closes its session with ``NO_ERROR``; raising closes only
+    that session with ``INTERNAL_ERROR`` (and is logged). Cancellation closes every
+    session with ``GOING_AWAY`` before the socket closes.
+    """
+    sessions: set[Session] = set()
+    handshaking: set[QuicConnection] = set()
+
+    async def on_connection(connection: QuicConnection) -> None:
+        handshaking.add(connection)
+        try:
+            session = await _accept(connection, config)
+        finally:
+            handshaking.discard(connection)
+        if session is None:
+            return
+        sessions.add(session)
+        try:
+            await session.run(handler)
+        finally:
+            sessions.discard(session)
+
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            # The transport runs shielded so that sessions can say GOING_AWAY on shutdown.
+            transport_scope = trio.CancelScope(shield=True)
+
+            async def run_transport(*, task_status: trio.TaskStatus[QuicServer]) -> None:
+                with transport_scope:
+                    await serve_quic(
+                        on_connection,
+                        host,
+                        port,
+                        server_quic_config(config),
+                        task_status=task_status,
+                    )
+
+            transport = cast(QuicServer, await nursery.start(run_transport))
+            task_status.started(Server(transport, sessions))
+            try:
+                await trio.sleep_forever()
+            finally:
+                for connection in list(handshaking):
+                    connection.close_nowait(ErrorCode.GOING_AWAY, "server shutting down")
+                with trio.CancelScope(shield=True), trio.move_on_after(_SHUTDOWN_GRACE):
+                    async with trio.open_nursery() as closers:
+                        for session in list(sessions):
+                            closers.start_soon(
+                                session.close, ErrorCode.GOING_AWAY, "server shutting down"
+                            )
+                transport_scope.cancel()
+
+
+async def _accept(connection: QuicConnection, config: ServerConfig) -> Session | None:
+    """Run the server side of the handshake; the session, or ``None`` once refused.
+
+    The handshake deadline runs from the moment the QUIC connection was accepted (spec
+    section 4.1), so it covers the QUIC handshake too.
+    """
+    now = connection.created_at
+    machine = ServerHandshake(
+        schema_hash=config.schema_hash,
+        capabilities=config.capabilities,
+        signing_key=config.signing_key,
+        authenticator=config.authenticator,
+        default_role=config.default_role,
+        peer_address=(str(connection.remote_address[0]), int(connection.remote_address[1])),
+        now=now,
+        timeout=config.handshake_timeout,
+    )
+    try:
+        with trio.move_on_at(now + config.handshake_timeout), single_error():
+            return await _handshake(connection, config, machine)
+        connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")
+    except ProtocolError as error:
+        logger.info("handshake with %s failed: %s", connection.remote_address, error)
+        connection.close_nowait(error.code, error.reason[:200])
+    except (QuicConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    except Exception:
+        logger.exception("handshake with %s failed", connection.remote_address)
+        connection.close_nowait(ErrorCode.INTERNAL_ERROR, "internal error")
+    return None
+
+
+async def _handshake(
+    connection: QuicConnection, config: ServerConfig, machine: ServerHandshake
+) -> Session | None:
+    """Identify streams by their first frame, answer the hello, verify the confirm."""
+    found_send, found = trio.open_memory_channel[tuple[FramedStream, Message | None]](math.inf)
+    limits = config.frame_limits
+    async with trio.open_nursery() as nursery:
+
+        async def identify(stream: trio.abc.HalfCloseableStream) -> None:
+            framed = FramedStream(stream, FrameDecoder(None, limits=limits))
+            first = await framed.receive()
+            if first is None:
+                raise ProtocolViolation("a stream ended before its first frame")
+            await found_send.send((framed, first))
+
+        async def accept_streams() -> None:
+            while True:
+                nursery.start_soon(identify, await connection.accept_stream())
+
+        async def read_confirm(control: FramedStream) -> None:
+            await found_send.send((control, await control.receive()))
+
+        nursery.start_soon(accept_streams)
+        streams: dict[Channel, FramedStream] = {}
+        while not (machine.is_established and len(streams) == 3):
+            framed, message = await found.receive()
+            channel = framed.decoder.channel
+            assert channel is not None
+            if channel in streams and streams[channel] is not framed:
+                raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
+            streams[channel] = framed
+            if channel is not Channel.CONTROL:
+                continue  # held unread until the confirm is verified
+            if message is None:
+                raise ProtocolViolation("the control stream ended during the handshake")
+            reply = machine.receive(message, trio.current_time())
+            if isinstance(reply, SessionReject):
+                await _reject(connection, framed, reply)
+                nursery.cancel_scope.cancel()
+                return None
+            if reply is not None:
+                await framed.send(reply)
+                nursery.start_soon(read_confirm, framed)
+        nursery.cancel_scope.cancel()
+    return Session(
+        connection=connection,
+        control=streams[Channel.CONTROL],
+        replication=streams[Channel.REPLICATION],
+        assets=streams[Channel.ASSETS],
+        handshake=machine,
+        config=config,
+        established_at=trio.current_time(),
+    )
+
+
+async def _reject(connection: QuicConnection, control: FramedStream, reply: SessionReject) -> None:
+    """Send the SessionReject, give it a moment to arrive, then close with its code."""
+    logger.info("refused session from %s: %s", connection.remote_address, reply.reason)
+    with trio.move_on_after(_REJECT_GRACE):
+        await control.send(reply)
+        await control.send_eof()
+        await connection.wait_acknowledged()
+    connection.close_nowait(reply.code, reply.reason[:200])

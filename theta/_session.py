@@ -1,0 +1,375 @@
+"""An established Theta session: one nursery owning every task of the session.
+
+Theory of operation: :meth:`Session.run` opens the session's nursery and starts the
+control reader (heartbeats in, ``SessionClose``, the heartbeat-timeout deadline), the
+heartbeat sender, the replication and asset readers, and a watcher that treats any further
+stream as a protocol violation. Background tasks never raise: a protocol error, a heartbeat
+timeout or the peer's close is recorded once as the session's :class:`SessionClosed`, the
+QUIC connection is closed with the matching code, and the session's cancel scope is
+cancelled — so every task of the session is gone when ``run`` returns. Every later
+operation on the session raises that :class:`SessionClosed`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import trio
+
+from theta._asset_channel import AssetChannel
+from theta._diagnostics import TransportDiagnostics
+from theta._errors import SessionClosed
+from theta._framed import FramedStream
+from theta._quic import ConnectionClosedByPeer, QuicConnection, QuicConnectionError
+from theta._replication_channel import ReplicationChannel
+from theta.core import (
+    PROTOCOL_VERSION,
+    ClientHandshake,
+    ErrorCode,
+    Heartbeat,
+    HeartbeatTracker,
+    ProtocolError,
+    ProtocolViolation,
+    Role,
+    ServerHandshake,
+    SessionClose,
+)
+
+if TYPE_CHECKING:
+    from theta._config import ClientConfig, ServerConfig
+
+__all__ = ["Session"]
+
+logger = logging.getLogger("theta")
+T = TypeVar("T")
+
+_CLOSE_GRACE = 1.0  # longest wait for a SessionClose to be acknowledged before the QUIC close
+
+
+def _only_session_closed(error: BaseException) -> bool:
+    """Whether ``error`` just reports that the session is over (possibly in a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_only_session_closed(inner) for inner in error.exceptions)
+    return isinstance(error, SessionClosed | trio.Cancelled)
+
+
+class Session:
+    """An established Theta session (what :func:`theta.connect` yields and
+    :func:`theta.serve` hands to its handler).
+
+    Channels: :attr:`replication` and :attr:`assets`. Leaving ``connect``'s block, the
+    handler returning, or :meth:`close` ends the session gracefully.
+    """
+
+    def __init__(
+        self,
+        *,
+        connection: QuicConnection,
+        control: FramedStream,
+        replication: FramedStream,
+        assets: FramedStream,
+        handshake: ClientHandshake | ServerHandshake,
+        config: ClientConfig | ServerConfig,
+        established_at: float,
+    ) -> None:
+        self._connection = connection
+        self._control = control
+        self._handshake = handshake
+        self._config = config
+        self._established_at = established_at
+        self._heartbeats = HeartbeatTracker(
+            now=established_at,
+            interval=config.heartbeat_interval,
+            timeout=config.heartbeat_timeout,
+        )
+        self._closed: SessionClosed | None = None
+        self._closed_event = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self.replication = ReplicationChannel(self, replication, config)
+        """The replication channel: state deltas, both ways."""
+        self.assets = AssetChannel(self, assets, config)
+        """The assets channel: large binary transfers, both ways."""
+
+    # -- identity ----------------------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        """Whether this side opened the session."""
+        return isinstance(self._handshake, ClientHandshake)
+
+    @property
+    def session_id(self) -> int:
+        """The non-zero session id the server chose."""
+        return self._handshake.session_id
+
+    @property
+    def role(self) -> Role:
+        """The client's role (permissions mask; may hold application bits 16..31)."""
+        return self._handshake.role
+
+    @property
+    def negotiated_capabilities(self) -> tuple[int, ...]:
+        """Capabilities both sides support, sorted ascending."""
+        return self._handshake.negotiated_capabilities
+
+    @property
+    def public_key(self) -> bytes:
+        """This side's raw Ed25519 public key."""
+        return self._handshake.public_key
+
+    @property
+    def peer_public_key(self) -> bytes:
+        """The peer's raw Ed25519 public key, proven by its handshake signature."""
+        return self._handshake.peer_public_key
+
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        """The peer's UDP address (host, port)."""
+        address = self._connection.remote_address
+        return str(address[0]), int(address[1])
+
+    @property
+    def protocol_version(self) -> int:
+        """The wire protocol version in use."""
+        return PROTOCOL_VERSION
+
+    @property
+    def schema_hash(self) -> int:
+        """The schema hash both sides agreed on."""
+        return self._config.schema_hash
+
+    @property
+    def closed(self) -> SessionClosed | None:
+        """Why the session ended, or ``None`` while it is open."""
+        return self._closed
+
+    # -- diagnostics -------------------------------------------------------------------
+
+    def diagnostics(self) -> TransportDiagnostics:
+        """A snapshot of RTT, jitter, heartbeat, traffic and QUIC figures."""
+        metrics = self._heartbeats.metrics()
+        stats = self._connection.stats()
+        return TransportDiagnostics(
+            uptime=trio.current_time() - self._established_at,
+            rtt_latest=metrics.latest_rtt,
+            rtt_smoothed=metrics.smoothed_rtt,
+            rtt_min=metrics.min_rtt,
+            rtt_p50=metrics.rtt_p50,
+            rtt_p90=metrics.rtt_p90,
+            rtt_p99=metrics.rtt_p99,
+            jitter=metrics.jitter,
+            peer_rtt=metrics.peer_rtt,
+            peer_jitter=metrics.peer_jitter,
+            heartbeats_sent=metrics.heartbeats_sent,
+            heartbeats_received=metrics.heartbeats_received,
+            datagrams_sent=stats.datagrams_sent,
+            datagrams_received=stats.datagrams_received,
+            bytes_sent=stats.bytes_sent,
+            bytes_received=stats.bytes_received,
+            quic_smoothed_rtt=stats.engine.smoothed_rtt,
+            quic_lost_packets=stats.engine.lost_packets,
+            quic_congestion_window=stats.engine.congestion_window,
+            compression_ratio=self.replication.compression_ratio,
+        )
+
+    def watch_diagnostics(self, interval: float = 1.0) -> DiagnosticsWatch:
+        """``async for snapshot in session.watch_diagnostics(interval)``: a
+        :meth:`diagnostics` snapshot at once, then every ``interval`` seconds, until the
+        session ends. Safe to leave early (nothing to clean up)."""
+        return DiagnosticsWatch(self, interval)
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session: ``SessionClose{code, reason}`` to the peer, then the QUIC close
+        with the same code. Idempotent; returns once the session's tasks are stopping."""
+        if self._closed is None:
+            self._record_close(int(code), reason, by_peer=False)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(_CLOSE_GRACE):
+                    try:
+                        await self._control.send(SessionClose(int(code), reason))
+                        await self._control.send_eof()
+                        await self.replication._finish_quietly()
+                        await self.assets._finish_quietly()
+                        await self._connection.wait_acknowledged()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                await self._connection.close(int(code), reason, wait=False)
+        self._cancel_scope.cancel()
+
+    async def wait_closed(self) -> SessionClosed:
+        """Wait until the session has ended; return why."""
+        await self._closed_event.wait()
+        assert self._closed is not None
+        return self._closed
+
+    def _record_close(self, code: int, reason: str, *, by_peer: bool) -> None:
+        if self._closed is None:
+            self._closed = SessionClosed(code, reason, by_peer=by_peer)
+            self._closed_event.set()
+        self.replication._session_closed()
+        self.assets._session_closed()
+
+    async def _peer_closed(self, code: int, reason: str) -> None:
+        """The peer ended the session: stop sending, but let the data already on its way
+        (up to the peer's FIN on each data stream) reach the inboxes, for a moment."""
+        if self._closed is None:
+            self._closed = SessionClosed(code, reason, by_peer=True)
+            self._closed_event.set()
+            with trio.move_on_after(_CLOSE_GRACE):
+                await self.replication._drained.wait()
+                await self.assets._drained.wait()
+            self._record_close(code, reason, by_peer=True)
+            self._connection.close_nowait(code, reason[:200])
+        self._cancel_scope.cancel()
+
+    def _fail(self, error: ProtocolError) -> None:
+        """A protocol error detected here: close the connection at once with its code."""
+        if self._closed is None:
+            logger.info("closing session %#x: %s: %s", self.session_id, error.code.name, error)
+            self._record_close(error.code, error.reason, by_peer=False)
+            self._connection.close_nowait(error.code, error.reason[:200])
+        self._cancel_scope.cancel()
+
+    def _connection_lost(self, error: BaseException) -> None:
+        if self._closed is None:
+            if isinstance(error, QuicConnectionError):
+                self._record_close(error.code, error.reason, by_peer=True)
+            else:
+                self._record_close(
+                    ErrorCode.INTERNAL_ERROR, f"connection lost: {error!r}", by_peer=False
+                )
+        self._cancel_scope.cancel()
+
+    def _raise_closed(self) -> NoReturn:
+        assert self._closed is not None
+        raise self._closed
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+
+    async def _guard(self, operation: Awaitable[T]) -> T:
+        """Run a user-facing send: connection errors become the session's SessionClosed."""
+        self._check_open()
+        try:
+            return await operation
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            if not isinstance(error, SessionClosed):
+                self._connection_lost(error)
+            self._raise_closed()
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        handler: Callable[[Session], Awaitable[object]] | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the session's tasks (and ``handler(self)``, if given) until the session ends.
+
+        A handler returning closes the session with ``NO_ERROR``; a handler raising closes it
+        with ``INTERNAL_ERROR`` and the exception is logged, not propagated. Cancellation
+        from outside closes the session with ``GOING_AWAY``.
+        """
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    for task in (
+                        self._control_reader,
+                        self._heartbeat_sender,
+                        self.replication._reader,
+                        self.assets._reader,
+                        self._stray_streams,
+                    ):
+                        nursery.start_soon(self._supervise, task)
+                    if handler is not None:
+                        nursery.start_soon(self._run_handler, handler)
+                    task_status.started()
+        finally:
+            if self._closed is None:  # cancelled from outside
+                await self.close(ErrorCode.GOING_AWAY, "shutting down")
+            self.replication._session_closed()
+            self.assets._session_closed()
+
+    async def _run_handler(self, handler: Callable[[Session], Awaitable[object]]) -> None:
+        try:
+            await handler(self)
+        except Exception as error:
+            if _only_session_closed(error):
+                await self.close()
+                return
+            logger.exception("session handler failed (session %#x)", self.session_id)
+            await self.close(ErrorCode.INTERNAL_ERROR, "handler failed")
+            return
+        await self.close()
+
+    async def _supervise(self, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        except ProtocolError as error:
+            self._fail(error)
+        except ConnectionClosedByPeer as error:
+            self._connection_lost(error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._connection_lost(error)
+
+    async def _control_reader(self) -> None:
+        while True:
+            with trio.move_on_at(self._heartbeats.deadline) as deadline:
+                message = await self._control.receive()
+            now = trio.current_time()
+            if deadline.cancelled_caught:
+                self._heartbeats.check_timeout(now)
+                continue
+            if isinstance(message, Heartbeat):
+                self._heartbeats.check_timeout(now)
+                self._heartbeats.receive(message, now)
+            elif isinstance(message, SessionClose):
+                await self._peer_closed(message.code, message.reason)
+                return
+            elif message is None:
+                await self._peer_closed(ErrorCode.NO_ERROR, "control stream ended")
+                return
+            else:
+                raise ProtocolViolation(f"{type(message).__name__} after the handshake")
+
+    async def _heartbeat_sender(self) -> None:
+        while True:
+            await trio.sleep_until(self._heartbeats.next_send_at)
+            if self._connection.unidirectional_streams_refused:
+                raise ProtocolViolation("the peer opened a unidirectional stream")
+            await self._control.send(self._heartbeats.build(trio.current_time()))
+
+    async def _stray_streams(self) -> None:
+        await self._connection.accept_stream()
+        raise ProtocolViolation("a stream beyond the three channels was opened")
+
+
+class DiagnosticsWatch:
+    """The async iterator behind :meth:`Session.watch_diagnostics`."""
+
+    def __init__(self, session: Session, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError("interval must be positive")
+        self._session = session
+        self._interval = interval
+        self._next_at: float | None = None
+
+    def __aiter__(self) -> DiagnosticsWatch:
+        return self
+
+    async def __anext__(self) -> TransportDiagnostics:
+        if self._next_at is not None:
+            with trio.move_on_at(self._next_at):
+                await self._session._closed_event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._session.closed is not None:
+            raise StopAsyncIteration
+        self._next_at = trio.current_time() + self._interval
+        return self._session.diagnostics()
