@@ -102,7 +102,7 @@ def codegen_check(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Fuzz the frame decoder for a long time (pass a count: `nox -s fuzz -- 2000000`)."""
     _install_groups(session, "fuzz")
-    session.run("python", "benchmarks/fuzz_decoder.py", *session.posargs)
+    session.run("python", "fuzz/fuzz_decoder.py", *session.posargs)
 
 
 @nox.session(default=False)
