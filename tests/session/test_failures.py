@@ -223,3 +223,13 @@ async def test_handler_failing_with_another_sessions_error_closes_its_own(
             closed = await session.wait_closed()
     assert closed.by_peer
     assert closed.code == ErrorCode.NO_ERROR
+
+
+async def test_connection_refused_fails_fast() -> None:
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    config = client_config(handshake_timeout=30.0)
+    with trio.fail_after(5), pytest.raises(theta.TransportError, match="refused"):
+        async with theta.connect("127.0.0.1", port, config):
+            pytest.fail("nothing listens")

@@ -12,6 +12,7 @@ from ._config import ALPN, QuicConfig
 from ._connection import QuicConnection
 from ._errors import (
     ConnectionClosedByPeer,
+    ConnectionRefused,
     HandshakeTimeout,
     IdleTimeout,
     QuicConnectionError,
@@ -26,6 +27,7 @@ __all__ = [
     "ALPN",
     "ConnectionClosedByPeer",
     "ConnectionHandler",
+    "ConnectionRefused",
     "ConnectionStats",
     "EngineStats",
     "HandshakeTimeout",

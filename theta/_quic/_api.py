@@ -59,6 +59,8 @@ async def open_quic_connection(
         raise
     endpoint = UdpEndpoint(sock)
     try:
+        # A connected socket hears ICMP port unreachable: a refused connect fails at once.
+        sock.connect(addr)
         with single_error():
             async with trio.open_nursery() as nursery:
                 engine = _engine.create_connection(

@@ -31,6 +31,7 @@ from . import _engine
 from ._config import QuicConfig
 from ._errors import (
     ConnectionClosedByPeer,
+    ConnectionRefused,
     HandshakeTimeout,
     IdleTimeout,
     QuicConnectionError,
@@ -347,6 +348,13 @@ class QuicConnection:
         if kind == "idle":
             return IdleTimeout(event.error_code, event.reason_phrase)
         return TransportError(event.error_code, event.reason_phrase, event.frame_type)
+
+    def peer_unreachable(self) -> None:
+        """The peer's address answered ICMP port unreachable. Trusted only while the
+        handshake is in progress (afterwards such messages could be forged to kill a live
+        connection, and QUIC's own timers decide)."""
+        if not self.handshake_complete.is_set():
+            self._terminate(ConnectionRefused(_INTERNAL_ERROR, "connection refused"))
 
     def _give_up_handshake(self) -> None:
         self._terminate(HandshakeTimeout(_INTERNAL_ERROR, "handshake timed out"))

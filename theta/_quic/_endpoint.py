@@ -165,6 +165,8 @@ class UdpEndpoint:
                     self.receive_errors += 1
                     if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
                         logger.debug("UDP receive error: %r", exc)
+                    elif self._client is not None:  # only a connected client socket sees these
+                        self._client.peer_unreachable()
                     continue
                 connection = self._route(data, addr)
                 if connection is None or not connection.deliver(data, addr):

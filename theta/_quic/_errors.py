@@ -35,6 +35,10 @@ class TransportError(QuicConnectionError):
         self.frame_type = frame_type
 
 
+class ConnectionRefused(TransportError):
+    """Nothing listens at the server's address (ICMP port unreachable during the handshake)."""
+
+
 class IdleTimeout(TransportError):
     """Nothing was received from the peer for the negotiated idle timeout."""
 
