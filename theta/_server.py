@@ -173,9 +173,14 @@ async def _handshake(
                 raise ProtocolViolation("a stream ended before its first frame")
             await found_send.send((framed, first))
 
+        accepted = 0
+
         async def accept_streams() -> None:
+            nonlocal accepted
             while True:
-                nursery.start_soon(identify, await connection.accept_stream())
+                stream = await connection.accept_stream()
+                accepted += 1
+                nursery.start_soon(identify, stream)
 
         async def read_confirm(control: FramedStream) -> None:
             await found_send.send((control, await control.receive()))
@@ -201,6 +206,8 @@ async def _handshake(
             if reply is not None:
                 await framed.send(reply)
                 nursery.start_soon(read_confirm, framed)
+        if accepted > len(streams):
+            raise ProtocolViolation("a stream beyond the three channels was opened")
         nursery.cancel_scope.cancel()
     return Session(
         connection=connection,

@@ -1,0 +1,129 @@
+"""A hand-built client that breaks the rules: the server must close with the spec's code."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from theta import ErrorCode
+from theta._quic import (
+    ConnectionClosedByPeer,
+    QuicConfig,
+    QuicConnection,
+    QuicStream,
+    open_quic_connection,
+)
+from theta.core import (
+    Channel,
+    ChannelOpen,
+    ClientHandshake,
+    FrameDecoder,
+    Heartbeat,
+    Message,
+    encode_frame,
+    schema_hash,
+)
+
+from .helpers import certificate, echo, start_server
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(port: int) -> AsyncIterator[QuicConnection]:
+    config = QuicConfig(ca_certs=certificate().certificate_pem, server_name="localhost")
+    async with open_quic_connection("127.0.0.1", port, config) as connection:
+        yield connection
+
+
+async def send(stream: QuicStream, *messages: Message) -> None:
+    await stream.send_all(b"".join(encode_frame(m) for m in messages))
+
+
+async def handshake(connection: QuicConnection) -> QuicStream:
+    """Run the client handshake by hand on a new control stream; return it."""
+    machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+    control = await connection.open_stream()
+    await send(control, machine.start(trio.current_time()))
+    decoder = FrameDecoder(Channel.CONTROL)
+    replies: list[Message] = []
+    while not replies:
+        replies = decoder.feed(await control.receive_some())
+    await send(control, machine.receive(replies[0], trio.current_time()))
+    return control
+
+
+async def closed_code(connection: QuicConnection) -> int:
+    with trio.fail_after(5):
+        await connection.terminated.wait()
+    assert isinstance(connection.error, ConnectionClosedByPeer), connection.error
+    return connection.error.code
+
+
+async def test_stream_beyond_three_during_the_handshake(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        control = await handshake(connection)
+        for channel in (Channel.REPLICATION, Channel.ASSETS):
+            await send(await connection.open_stream(), ChannelOpen(channel))
+        await (await connection.open_stream()).send_all(b"\x00\x00")  # a fourth, unidentified
+        assert control is not None
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_second_stream_for_a_channel(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection)
+        for channel in (Channel.REPLICATION, Channel.REPLICATION):
+            await send(await connection.open_stream(), ChannelOpen(channel))
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_heartbeat_before_the_confirm(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+        control = await connection.open_stream()
+        await send(control, machine.start(trio.current_time()), Heartbeat(1, 1))
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (encode_frame(Heartbeat(1, 1)), ErrorCode.PROTOCOL_VIOLATION),
+        (encode_frame(ChannelOpen(7)), ErrorCode.PROTOCOL_VIOLATION),
+        (b"\x00\x00\x00\x00", ErrorCode.MALFORMED_FRAME),
+        (b"\x00\x01\x00\x00", ErrorCode.FRAME_TOO_LARGE),  # 64 KiB > the control limit
+        (b"\x00\x00\x00\x08" + b"garbage!", ErrorCode.MALFORMED_FRAME),
+    ],
+)
+async def test_bad_first_frame(nursery: trio.Nursery, first: bytes, code: ErrorCode) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await (await connection.open_stream()).send_all(first)
+        assert await closed_code(connection) == code
+
+
+async def test_replication_frame_on_the_control_stream(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        control = await handshake(connection)
+        for channel in (Channel.REPLICATION, Channel.ASSETS):
+            await send(await connection.open_stream(), ChannelOpen(channel))
+        await send(control, ChannelOpen(Channel.REPLICATION))
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_fin_inside_a_frame_on_the_replication_stream(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection)
+        replication = await connection.open_stream()
+        await send(replication, ChannelOpen(Channel.REPLICATION))
+        await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
+        await replication.send_all(b"\x00\x00\x00\x10\x01\x02")
+        await replication.send_eof()
+        assert await closed_code(connection) == ErrorCode.MALFORMED_FRAME
