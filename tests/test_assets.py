@@ -28,6 +28,7 @@ from theta.core._assets import (
     chunk_asset,
     max_chunk_data_for,
 )
+from theta.core._encode import asset_chunk_overhead
 
 MALFORMED, TOO_LARGE = ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE
 U64 = 2**64 - 1
@@ -44,16 +45,13 @@ NAMES = ["a", "ab", "abc", "abcd", "x" * 37, "ж" * 10, "𝄞" * 3, "n" * 120]
 
 
 @pytest.mark.parametrize("name_len", range(41))
-def test_chunk_overhead_formula_is_exact(name_len: int) -> None:
+def test_chunk_overhead_is_exact(name_len: int) -> None:
     """The layout model behind max_chunk_data_for, against the real encoder."""
     name = "n" * name_len
     for data_len in range(17):
-        bound = 8 * -(-(data_len + 92 + 4 * (name_len // 4)) // 8)
+        expected = -(-(asset_chunk_overhead(name_len) + data_len) // 8) * 8
         for ids in ((1, 1, 1), (U64, U64, U64), (0, 0, 0), (1, 0, U64)):
-            size = payload_size(AssetChunk(*ids, name, b"x" * data_len))
-            assert size <= bound
-            if 0 not in ids:
-                assert size == bound
+            assert payload_size(AssetChunk(*ids, name, b"x" * data_len)) == expected
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -64,16 +62,11 @@ def test_max_chunk_data_for_is_the_largest_that_fits(limit: int, name: str) -> N
     chunks = list(chunk_asset(U64, name, data, max_chunk_data=room))
     sizes = [payload_size(c) for c in chunks]
     assert all(size <= limit for size in sizes)
-    # The bound is tight for a named chunk at a non-zero offset ...
+    # The bound is tight: the named first chunk fills the limit (rounded down to 8).
     usable = limit - limit % 8
-    assert payload_size(AssetChunk(U64, U64, U64, name, bytes(room))) == usable
+    assert sizes[0] == usable
     assert payload_size(AssetChunk(U64, U64, U64, name, bytes(room + 1))) > limit
-    # ... and real chunks come within 8 bytes of it: the first omits its zero offset
-    # (8 bytes), later ones have no name (4 * (len(name) // 4) bytes, rounded down to 8).
-    padding = 4 * (len(name.encode()) // 4)
-    assert sizes[0] == usable - 8
-    assert sizes[1] == sizes[2] == usable - padding // 8 * 8
-    assert max(sizes) == (usable if len(name.encode()) < 8 else usable - 8)
+    assert all(size <= sizes[0] for size in sizes)
 
 
 def test_max_chunk_data_for_default_assets_limit() -> None:

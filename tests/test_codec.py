@@ -35,8 +35,9 @@ from theta.core import (
     decode_payload_untrusted,
     encode_frame,
 )
-from theta.core._encode import BODY_TYPES
+from theta.core._layout import BODY_TYPES
 
+from ._reference_encoder import encode_frame_with_builders
 from ._strategies import messages
 
 HELLO = SessionHello(1, 2, b"n" * 24, (1, 2, 0xFFFF_FFFF), b"token", b"k" * 32)
@@ -438,3 +439,24 @@ def test_large_chunk_split_in_transport_sized_pieces() -> None:
         assert decoder.buffered <= len(frame)
     assert received == [chunk]
     assert decoder.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages)
+def test_decoder_reads_what_the_generated_builders_write(message: Message) -> None:
+    frame = encode_frame_with_builders(message)
+    assert decode_payload_untrusted(frame[4:]) == message
+
+
+@pytest.mark.parametrize("message", ALL_KINDS, ids=lambda m: type(m).__name__)
+def test_encoded_payload_is_aligned_like_a_builders(message: Message) -> None:
+    frame = encode_frame(message)
+    assert (len(frame) - 4) % 8 == 0
+    assert len(frame) <= len(encode_frame_with_builders(message)) + 16
+
+
+def test_memoryview_and_bytearray_payloads_encode_like_bytes() -> None:
+    data = bytes(range(256)) * 3
+    expected = encode_frame(ReplicationMessage(1, 0, data))
+    assert encode_frame(ReplicationMessage(1, 0, bytearray(data))) == expected  # type: ignore[arg-type]
+    assert encode_frame(ReplicationMessage(1, 0, memoryview(data))) == expected  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ._encode import asset_chunk_overhead
 from ._errors import FrameTooLarge, LocalProtocolError, MalformedFrame
 from ._messages import AssetChunk
 
@@ -74,29 +75,17 @@ DEFAULT_MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 
 _U64_MAX = 2**64 - 1
 
-# Encoded size of an AssetChunk frame payload, measured against ``encode_frame`` (see
-# tests/test_assets.py): with ``n`` UTF-8 bytes of name and ``d`` bytes of data, and all three
-# integers non-zero (a zero integer is omitted and saves 8 bytes), the payload is
-#     8 * ceil((d + 92 + 4 * (n // 4)) / 8)
-# bytes: fixed tables and vtables, the name as a u32 length, its bytes and a NUL padded to 4,
-# the data as a u32 length and its bytes, the whole buffer aligned to 8 for the u64 fields.
-_CHUNK_FIXED_OVERHEAD = 92
-_BUFFER_ALIGNMENT = 8
-
 
 def max_chunk_data_for(frame_limit: int, name: str) -> int:
     """Largest ``len(data)`` such that every ``AssetChunk`` of an asset called ``name``
     encodes to a frame payload of at most ``frame_limit`` bytes.
 
-    Tight for a chunk that carries ``name`` and has all its integers non-zero: with one byte
-    more it would not fit. Real chunks come within 8 bytes of ``frame_limit`` rounded down to
-    a multiple of 8 (the first omits its zero offset, later ones carry no name), and reach it
-    exactly when the name is shorter than 8 UTF-8 bytes. Raises ``ValueError`` when not even
-    one byte of data fits.
+    Exact for the chunk that carries ``name`` (one byte more would not fit, and with a
+    limit that is a multiple of 8 it fills the limit to the byte); chunks without the
+    name are smaller. Raises ``ValueError`` when not even one byte of data fits.
     """
-    usable = frame_limit - frame_limit % _BUFFER_ALIGNMENT
     name_size = len(name.encode("utf-8"))
-    room = usable - _CHUNK_FIXED_OVERHEAD - 4 * (name_size // 4)
+    room = frame_limit - frame_limit % 8 - asset_chunk_overhead(name_size)
     if room < 1:
         raise ValueError(
             f"a {frame_limit}-byte frame limit leaves no room for data next to a name of"

@@ -16,8 +16,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._encode import BODY_TYPES, FILE_IDENTIFIER
 from ._errors import FrameTooLarge, LocalProtocolError, MalformedFrame, ProtocolViolation
+from ._layout import BODY_TYPES, FILE_IDENTIFIER, LAYOUTS, SCALAR_WIDTH
 from ._messages import (
     AssetChunk,
     Channel,
@@ -42,21 +42,7 @@ _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
 
-# Field kinds of the wire tables, in field-id order (spec section 4). The generated code is
-# the schema's builder; this table is its reader and is cross-checked against it in tests.
-_SCALAR_WIDTH = {"u8": 1, "u16": 2, "u32": 4, "u64": 8}
 _SCALAR_READ = {"u8": _U8, "u16": _U16, "u32": _U32, "u64": _U64}
-_LAYOUTS: dict[type[Message], tuple[str, ...]] = {
-    SessionHello: ("u16", "u64", "bytes", "u32s", "bytes", "bytes"),
-    SessionAcknowledge: ("u16", "u64", "bytes", "u64", "u32", "u32s", "bytes", "bytes"),
-    SessionConfirm: ("bytes",),
-    SessionReject: ("u16", "str", "u16", "u64"),
-    ChannelOpen: ("u8",),
-    Heartbeat: ("u64", "u64", "u64", "u64", "u64", "u32", "u32"),
-    SessionClose: ("u16", "str"),
-    ReplicationMessage: ("u64", "u32", "bytes", "u32"),
-    AssetChunk: ("u64", "u64", "u64", "str", "bytes"),
-}
 _TYPES_BY_BODY: dict[int, type[Message]] = {value: cls for cls, value in BODY_TYPES.items()}
 _DEFAULTS: dict[str, object] = {"u8": 0, "u16": 0, "u32": 0, "u64": 0, "bytes": b"", "str": ""}
 _DEFAULTS["u32s"] = ()
@@ -158,8 +144,8 @@ def _decode_body(buf: _Buffer, cls: type[Message], pos: int) -> Message:
     size = len(buf)
     table = _table(buf, pos, size)
     values = []
-    for slot, kind in enumerate(_LAYOUTS[cls]):
-        where = _field(buf, pos, table, slot, _SCALAR_WIDTH.get(kind, 4))
+    for slot, kind in enumerate(LAYOUTS[cls]):
+        where = _field(buf, pos, table, slot, SCALAR_WIDTH.get(kind, 4))
         values.append(_read_field(buf, where, kind, size) if where else _DEFAULTS[kind])
     return cls(*values)  # type: ignore[arg-type]
 
