@@ -11,7 +11,13 @@ from theta._config import ClientConfig
 from theta._errors import ServerUnreachable
 from theta._framed import FramedStream
 from theta._groups import single_error
-from theta._quic import ConnectionClosedByPeer, QuicConnection, open_quic_connection
+from theta._quic import (
+    ConnectionClosedByPeer,
+    QuicConnection,
+    StreamResetError,
+    StreamStoppedError,
+    open_quic_connection,
+)
 from theta._quic import HandshakeTimeout as QuicHandshakeTimeout
 from theta._session import Session
 from theta._transport import client_quic_config
@@ -107,6 +113,12 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
             raise HandshakeFailed(error.reason, error.code) from None
         except ConnectionClosedByPeer as error:
             raise _closed_during_handshake(error) from None
+        except (StreamResetError, StreamStoppedError) as error:
+            connection.close_nowait(ErrorCode.PROTOCOL_VIOLATION, "stream aborted in handshake")
+            raise HandshakeFailed(
+                f"the server aborted a stream during the handshake ({error!r})",
+                ErrorCode.PROTOCOL_VIOLATION,
+            ) from None
         replication, assets = channels
         return Session(
             connection=connection,

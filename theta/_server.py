@@ -12,7 +12,14 @@ import trio
 from theta._config import ServerConfig
 from theta._framed import FramedStream
 from theta._groups import single_error
-from theta._quic import QuicConnection, QuicConnectionError, QuicServer, serve_quic
+from theta._quic import (
+    QuicConnection,
+    QuicConnectionError,
+    QuicServer,
+    StreamResetError,
+    StreamStoppedError,
+    serve_quic,
+)
 from theta._session import Session
 from theta._transport import server_quic_config
 from theta.core import (
@@ -147,15 +154,34 @@ async def _accept(connection: QuicConnection, config: ServerConfig) -> Session |
         with trio.move_on_at(now + config.handshake_timeout), single_error():
             return await _handshake(connection, config, machine)
         connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")
-    except ProtocolError as error:
-        logger.info("handshake with %s failed: %s", connection.remote_address, error)
-        connection.close_nowait(error.code, error.reason[:200])
-    except (QuicConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    except Exception:
-        logger.exception("handshake with %s failed", connection.remote_address)
-        connection.close_nowait(ErrorCode.INTERNAL_ERROR, "internal error")
+    except Exception as error:
+        code, reason = _close_code_for(error)
+        if code is ErrorCode.INTERNAL_ERROR:
+            logger.exception("handshake with %s failed", connection.remote_address)
+        elif code is not None:
+            logger.info(
+                "handshake with %s failed: %s: %s", connection.remote_address, code.name, reason
+            )
+        if code is not None:
+            connection.close_nowait(code, reason.encode()[:200].decode(errors="ignore"))
     return None
+
+
+def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
+    """The code to close a failed handshake with (``None``: the connection is gone)."""
+    if isinstance(error, BaseExceptionGroup):  # several tasks failed at once: the first wins
+        for inner in error.exceptions:
+            code, reason = _close_code_for(inner)
+            if code is not ErrorCode.INTERNAL_ERROR:
+                return code, reason
+        return ErrorCode.INTERNAL_ERROR, "internal error"
+    if isinstance(error, ProtocolError):
+        return error.code, error.reason
+    if isinstance(error, StreamResetError | StreamStoppedError):
+        return ErrorCode.PROTOCOL_VIOLATION, f"the client aborted a stream ({error!r})"
+    if isinstance(error, QuicConnectionError | trio.BrokenResourceError | trio.ClosedResourceError):
+        return None, ""
+    return ErrorCode.INTERNAL_ERROR, "internal error"
 
 
 async def _handshake(
@@ -173,13 +199,12 @@ async def _handshake(
                 raise ProtocolViolation("a stream ended before its first frame")
             await found_send.send((framed, first))
 
-        accepted = 0
+        accepted: list[trio.abc.HalfCloseableStream] = []
 
         async def accept_streams() -> None:
-            nonlocal accepted
             while True:
                 stream = await connection.accept_stream()
-                accepted += 1
+                accepted.append(stream)
                 nursery.start_soon(identify, stream)
 
         async def read_confirm(control: FramedStream) -> None:
@@ -193,6 +218,8 @@ async def _handshake(
             assert channel is not None
             if channel in streams and streams[channel] is not framed:
                 raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
+            if (channel is Channel.CONTROL) != (framed.stream is accepted[0]):
+                raise ProtocolViolation("SessionHello must be the first frame of the first stream")
             streams[channel] = framed
             if channel is not Channel.CONTROL:
                 continue  # held unread until the confirm is verified
@@ -206,9 +233,9 @@ async def _handshake(
             if reply is not None:
                 await framed.send(reply)
                 nursery.start_soon(read_confirm, framed)
-        if accepted > len(streams):
-            raise ProtocolViolation("a stream beyond the three channels was opened")
         nursery.cancel_scope.cancel()
+    if len(accepted) > len(streams):  # counted once no task can still be taking one
+        raise ProtocolViolation("a stream beyond the three channels was opened")
     return Session(
         connection=connection,
         control=streams[Channel.CONTROL],

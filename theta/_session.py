@@ -22,7 +22,12 @@ from theta._asset_channel import AssetChannel
 from theta._diagnostics import TransportDiagnostics
 from theta._errors import SessionClosed
 from theta._framed import FramedStream
-from theta._quic import ConnectionClosedByPeer, QuicConnection, QuicConnectionError
+from theta._quic import (
+    QuicConnection,
+    QuicConnectionError,
+    StreamResetError,
+    StreamStoppedError,
+)
 from theta._replication_channel import ReplicationChannel
 from theta.core import (
     PROTOCOL_VERSION,
@@ -46,6 +51,16 @@ logger = logging.getLogger("theta")
 T = TypeVar("T")
 
 _CLOSE_GRACE = 1.0  # longest wait for a SessionClose to be acknowledged before the QUIC close
+_MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
+_MAX_QUIC_REASON = 200  # bytes of the QUIC CONNECTION_CLOSE reason phrase
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", errors="ignore")
 
 
 def _only_session_closed(error: BaseException) -> bool:
@@ -184,21 +199,36 @@ class Session:
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session: ``SessionClose{code, reason}`` to the peer, then the QUIC close
-        with the same code. Idempotent; returns once the session's tasks are stopping."""
+        with the same code. Idempotent; returns once the session's tasks are stopping.
+
+        ``code`` is a wire error code (0..65535); ``reason`` is cut to 1 KiB of UTF-8.
+        """
+        code = int(code)
+        if not 0 <= code <= 0xFFFF:
+            raise ValueError(f"close code {code} is not an unsigned 16-bit value")
+        reason = _truncate_utf8(reason, _MAX_REASON)
         if self._closed is None:
-            self._record_close(int(code), reason, by_peer=False)
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(_CLOSE_GRACE):
+            self._record_close(code, reason, by_peer=False)
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
                     try:
-                        await self._control.send(SessionClose(int(code), reason))
+                        await self._control.send(SessionClose(code, reason))
                         await self._control.send_eof()
                         await self.replication._finish_quietly()
                         await self.assets._finish_quietly()
                         await self._connection.wait_acknowledged()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-                await self._connection.close(int(code), reason, wait=False)
+            finally:
+                self._close_connection()
         self._cancel_scope.cancel()
+
+    def _close_connection(self) -> None:
+        """Close QUIC with the session's code (idempotent: the first close counts)."""
+        assert self._closed is not None
+        self._connection.close_nowait(
+            self._closed.code, _truncate_utf8(self._closed.reason, _MAX_QUIC_REASON)
+        )
 
     async def wait_closed(self) -> SessionClosed:
         """Wait until the session has ended; return why."""
@@ -219,11 +249,13 @@ class Session:
         if self._closed is None:
             self._closed = SessionClosed(code, reason, by_peer=True)
             self._closed_event.set()
-            with trio.move_on_after(_CLOSE_GRACE):
-                await self.replication._drained.wait()
-                await self.assets._drained.wait()
-            self._record_close(code, reason, by_peer=True)
-            self._connection.close_nowait(code, reason[:200])
+            try:
+                with trio.move_on_after(_CLOSE_GRACE):
+                    await self.replication._drained.wait()
+                    await self.assets._drained.wait()
+            finally:
+                self._record_close(code, reason, by_peer=True)
+                self._close_connection()
         self._cancel_scope.cancel()
 
     def _fail(self, error: ProtocolError) -> None:
@@ -231,7 +263,7 @@ class Session:
         if self._closed is None:
             logger.info("closing session %#x: %s: %s", self.session_id, error.code.name, error)
             self._record_close(error.code, error.reason, by_peer=False)
-            self._connection.close_nowait(error.code, error.reason[:200])
+            self._close_connection()
         self._cancel_scope.cancel()
 
     def _connection_lost(self, error: BaseException) -> None:
@@ -242,6 +274,7 @@ class Session:
                 self._record_close(
                     ErrorCode.INTERNAL_ERROR, f"connection lost: {error!r}", by_peer=False
                 )
+                self._close_connection()
         self._cancel_scope.cancel()
 
     def _raise_closed(self) -> NoReturn:
@@ -293,6 +326,7 @@ class Session:
         finally:
             if self._closed is None:  # cancelled from outside
                 await self.close(ErrorCode.GOING_AWAY, "shutting down")
+            self._close_connection()
             self.replication._session_closed()
             self.assets._session_closed()
 
@@ -313,8 +347,9 @@ class Session:
             await task()
         except ProtocolError as error:
             self._fail(error)
-        except ConnectionClosedByPeer as error:
-            self._connection_lost(error)
+        except (StreamResetError, StreamStoppedError) as error:
+            # The spec has no code for a peer aborting a channel: it breaks the protocol.
+            self._fail(ProtocolViolation(f"the peer aborted a channel ({error!r})"))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             self._connection_lost(error)
 
@@ -341,6 +376,8 @@ class Session:
     async def _heartbeat_sender(self) -> None:
         while True:
             await trio.sleep_until(self._heartbeats.next_send_at)
+            if self._closed is not None:
+                return  # closing: "stops sending" (spec 4.6)
             if self._connection.unidirectional_streams_refused:
                 raise ProtocolViolation("the peer opened a unidirectional stream")
             await self._control.send(self._heartbeats.build(trio.current_time()))

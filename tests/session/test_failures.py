@@ -233,3 +233,22 @@ async def test_connection_refused_fails_fast() -> None:
     with trio.fail_after(5), pytest.raises(theta.TransportError, match="refused"):
         async with theta.connect("127.0.0.1", port, config):
             pytest.fail("nothing listens")
+
+
+async def test_close_validates_its_code_and_bounds_its_reason(nursery: trio.Nursery) -> None:
+    seen: list[SessionClosed] = []
+
+    async def handler(session: Session) -> None:
+        seen.append(await session.wait_closed())
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            with pytest.raises(ValueError, match="16-bit"):
+                await session.close(70000)
+            assert session.closed is None
+            await session.close(13, "ж" * 20000)
+        while not seen:
+            await trio.testing.wait_all_tasks_blocked()
+    assert seen[0].code == 13
+    assert 0 < len(seen[0].reason.encode()) <= 1024

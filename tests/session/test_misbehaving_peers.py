@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from theta import ErrorCode
+from theta import ErrorCode, Session
 from theta._quic import (
     ConnectionClosedByPeer,
     QuicConfig,
@@ -23,6 +23,7 @@ from theta.core import (
     FrameDecoder,
     Heartbeat,
     Message,
+    SessionClose,
     encode_frame,
     schema_hash,
 )
@@ -127,3 +128,57 @@ async def test_fin_inside_a_frame_on_the_replication_stream(nursery: trio.Nurser
         await replication.send_all(b"\x00\x00\x00\x10\x01\x02")
         await replication.send_eof()
         assert await closed_code(connection) == ErrorCode.MALFORMED_FRAME
+
+
+async def test_session_close_code_is_echoed_in_the_quic_close(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        control = await handshake(connection)
+        for channel in (Channel.REPLICATION, Channel.ASSETS):
+            await send(await connection.open_stream(), ChannelOpen(channel))
+        await send(control, SessionClose(ErrorCode.GOING_AWAY, "level change"))
+        assert await closed_code(connection) == ErrorCode.GOING_AWAY
+
+
+async def test_no_heartbeat_after_the_peers_session_close(nursery: trio.Nursery) -> None:
+    async def forever(session: Session) -> None:
+        await trio.sleep_forever()
+
+    server = await start_server(nursery, forever)
+    async with raw_connection(server.port) as connection:
+        control = await handshake(connection)
+        for channel in (Channel.REPLICATION, Channel.ASSETS):
+            await send(await connection.open_stream(), ChannelOpen(channel))
+        await send(control, SessionClose(13, "bye"))  # data streams left open: a 1 s drain
+        decoder = FrameDecoder(Channel.CONTROL)
+        heartbeats: list[int] = []
+        with trio.fail_after(5):
+            while not connection.terminated.is_set():
+                try:
+                    data = await control.receive_some()
+                except ConnectionClosedByPeer:
+                    break
+                heartbeats += [m.sequence for m in decoder.feed(data) if isinstance(m, Heartbeat)]
+        assert heartbeats in ([], [1])  # at most the one due at establishment: none in the drain
+        assert await closed_code(connection) == 13
+
+
+async def test_peer_resetting_a_channel_is_a_violation(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection)
+        replication = await connection.open_stream()
+        await send(replication, ChannelOpen(Channel.REPLICATION))
+        await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
+        await replication.send_all(b"\x00\x00\x00\x20\x01")
+        await replication.reset(5)
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_session_hello_on_a_later_stream(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+        await send(await connection.open_stream(), ChannelOpen(Channel.REPLICATION))
+        await send(await connection.open_stream(), machine.start(trio.current_time()))
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
