@@ -107,7 +107,16 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks and print their tables (never part of the test suite)."""
+    """Run every benchmark (or `-- NAME [ARGS]` for benchmarks/bench_NAME.py) and print tables."""
     _install_groups(session, "test")
-    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    args: list[str] = []
+    if session.posargs:
+        name, *args = session.posargs
+        scripts = [ROOT / "benchmarks" / f"bench_{name.removeprefix('bench_')}.py"]
+        if not scripts[0].exists():
+            session.error(
+                f"no benchmark {scripts[0].name}; have: {', '.join(s.stem for s in scripts)}"
+            )
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)), *args)

@@ -1,6 +1,6 @@
 """64 MiB over one QUIC stream: theta's trio driver vs aioquic's asyncio API.
 
-Run: ``python benchmarks/quic_bulk.py [--runs 5] [--mib 64]``. Each trial runs the server
+Run: ``python benchmarks/bench_quic_driver.py [--runs 5] [--mib 64]``. Each trial runs the server
 and the sender (client) in two fresh processes; variants are interleaved A B A B ...
 Both sides use 1200-byte datagrams, Reno, 64 KiB application chunks. The sender samples
 its own VmRSS every 2 ms; "RSS growth" is the peak during the transfer minus the RSS just
