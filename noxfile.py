@@ -109,14 +109,13 @@ def fuzz(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run every benchmark (or `-- NAME [ARGS]` for benchmarks/bench_NAME.py) and print tables."""
     _install_groups(session, "test")
-    scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
-    args: list[str] = []
+    available = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    scripts, args = available, []
     if session.posargs:
         name, *args = session.posargs
         scripts = [ROOT / "benchmarks" / f"bench_{name.removeprefix('bench_')}.py"]
-        if not scripts[0].exists():
-            session.error(
-                f"no benchmark {scripts[0].name}; have: {', '.join(s.stem for s in scripts)}"
-            )
+        if scripts[0] not in available:
+            names = ", ".join(path.stem.removeprefix("bench_") for path in available)
+            session.error(f"no benchmark {name!r}; choose one of: {names}")
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *args)
