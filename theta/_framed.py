@@ -45,6 +45,13 @@ class FramedStream:
         async with self._send_lock:
             await self.stream.send_all(frame)
 
+    async def send_many(self, messages: list[Message]) -> None:
+        """Encode ``messages`` and send them back to back in one write (they share
+        datagrams instead of waking the transport once each)."""
+        frames = b"".join([encode_frame(message) for message in messages])
+        async with self._send_lock:
+            await self.stream.send_all(frames)
+
     async def send_eof(self) -> None:
         """End our direction of the stream (FIN) after any frame being sent."""
         async with self._send_lock:

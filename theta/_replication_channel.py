@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from theta._channel import DataChannel, ReceiveIterator
@@ -68,6 +69,15 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
         """
         self._check_may_send()
         await self._session._guard(self._framed.send(self._sender.message(tick, payload)))
+
+    async def send_many(self, updates: Iterable[tuple[int, bytes]]) -> None:
+        """Send several ``(tick, payload)`` messages in one write: much cheaper than one
+        :meth:`send` each when a tick produces many small deltas. Same errors as
+        :meth:`send`; an invalid payload raises before anything is sent."""
+        self._check_may_send()
+        messages: list[Message] = [self._sender.message(tick, payload) for tick, payload in updates]
+        if messages:
+            await self._session._guard(self._framed.send_many(messages))
 
     async def receive(self) -> ReplicationMessage:
         """The next message from the peer (``payload`` decompressed, ``flags`` 0).

@@ -266,3 +266,18 @@ def test_configuration_is_validated() -> None:
         client_config(asset_chunk_size=0)
     config = client_config(manifest={"A": "x:f32"})
     assert config.schema_hash == theta.core.schema_hash({"A": "x:f32"})
+
+
+async def test_send_many_delivers_a_batch_in_order(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send_many([])  # nothing to send: no-op
+            batch = [(tick, b"delta %d" % tick * (tick % 7)) for tick in range(1, 301)]
+            await session.replication.send_many(batch)
+            received = [await session.replication.receive() for _ in batch]
+            assert [(m.tick, m.payload) for m in received] == batch
+            with pytest.raises(ValueError, match="limit"):
+                await session.replication.send_many([(1, b"ok"), (2, bytes(2 << 20))])
+            await session.replication.send(b"after", tick=999)
+            assert (await session.replication.receive()).tick == 999  # nothing half-sent
