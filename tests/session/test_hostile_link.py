@@ -1,0 +1,44 @@
+"""A whole session over a hostile link (loss, bursts, reordering, duplication, delay)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+import trio.testing
+
+import theta
+from theta.testing import GilbertElliott, LinkConditioner, LinkConditionerConfig
+
+from .helpers import client_config, echo, start_server
+
+
+async def test_session_survives_a_hostile_link(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, echo)
+    impairments = LinkConditionerConfig(
+        loss=0.05,
+        burst_loss=GilbertElliott(p_enter_bad=0.02, p_leave_bad=0.4, loss_in_bad=0.5),
+        reorder=0.05,
+        duplicate=0.02,
+        delay=0.020,
+        jitter=0.010,
+    )
+    link = LinkConditioner(server.address, impairments, impairments, seed=11)
+    await nursery.start(link.run)
+    asset = os.urandom(256 * 1024)
+    with trio.fail_after(300):  # virtual seconds
+        async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+            await session.replication.send_many([(tick, b"%d" % tick * 30) for tick in range(100)])
+            await session.assets.send("level.bin", asset)
+            ticks = [(await session.replication.receive()).tick for _ in range(100)]
+            echoed = await session.assets.receive()
+            await trio.sleep(3)  # a few heartbeat round trips on the bad link
+            snapshot = session.diagnostics()
+    assert ticks == list(range(100))
+    assert echoed.data == asset
+    assert snapshot.heartbeats_received >= 5
+    assert snapshot.rtt_min is not None
+    assert snapshot.rtt_min >= 0.020  # two one-way delays of at least 20 - 10 ms
+    assert all(stats.dropped > 0 for stats in link.stats.values())
