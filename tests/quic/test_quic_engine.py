@@ -164,3 +164,16 @@ def test_peer_stream_concurrency_is_capped() -> None:
         ids.append(stream_id)
     pair.shuttle(4)
     assert [pair.client._streams[i].is_blocked for i in ids] == [False, False, True]
+
+
+def test_peer_close_is_visible_before_the_draining_period_ends() -> None:
+    pair = Pair()
+    pair.shuttle(4)
+    assert pair.server is not None
+    assert pair.client.peer_close() is None
+    pair.server.close(error_code=42, reason_phrase="bye")
+    pair.shuttle(1)  # one exchange: the CONNECTION_CLOSE reached the client
+    event = pair.client.peer_close()
+    assert event is not None
+    assert (event.error_code, event.reason_phrase) == (42, "bye")
+    assert pair.server.peer_close() is None  # the closing side is not draining

@@ -230,6 +230,9 @@ class QuicConnection:
                 self._route_events()
                 if self.terminated.is_set():
                     return
+                if (peer_close := quic.peer_close()) is not None:
+                    self._terminate(self._termination_error(peer_close))
+                    return
                 if not self.handshake_complete.is_set() and now >= self._handshake_deadline:
                     self._give_up_handshake()
                     return

@@ -29,6 +29,7 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events as _events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection as _AioquicConnection
+from aioquic.quic.connection import QuicConnectionState
 from aioquic.quic.connection import QuicConnectionError
 from aioquic.quic.packet import (
     QuicFrameType,
@@ -325,6 +326,14 @@ class EngineConnection(_AioquicConnection):
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
     # -- read-outs --
+
+    def peer_close(self) -> ConnectionTerminated | None:
+        """The peer's CONNECTION_CLOSE as soon as it arrived. aioquic reports it only after
+        the draining period (3 × PTO); nothing is sent while draining, so the driver can end
+        the connection for the application at once."""
+        if self._state is QuicConnectionState.DRAINING:
+            return self._close_event
+        return None
 
     def read_stats(self) -> EngineStats:
         """Snapshot of RTT, congestion window and loss figures (private aioquic state)."""
