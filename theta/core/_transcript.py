@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable
@@ -35,20 +36,26 @@ def is_valid_ed25519_public_key(encoded: bytes) -> bool:
     """Whether ``encoded`` is 32 bytes that decode to an Ed25519 point (RFC 8032 5.1.3).
 
     ``Ed25519PublicKey.from_public_bytes`` only checks the length, so this checks the
-    decoding: y < p, x² = (y² - 1)/(d·y² + 1) a square mod p, and not x = 0 with the sign
-    bit set. Small-order points decode, so they are accepted.
+    decoding: y < p, x² = u/v a square mod p with u = y² - 1 and v = d·y² + 1, and not
+    x = 0 with the sign bit set. Small-order points decode, so they are accepted.
     """
     if len(encoded) != KEY_LENGTH:
         return False
+    return _decodes_to_a_point(bytes(encoded))
+
+
+@functools.lru_cache(maxsize=4096)  # a handshake checks each key twice; peers come back
+def _decodes_to_a_point(encoded: bytes) -> bool:
     n = int.from_bytes(encoded, "little")
     sign, y = n >> 255, n & ((1 << 255) - 1)
     if y >= _P:
         return False
     yy = y * y % _P
-    x2 = (yy - 1) * pow(_D * yy + 1, _P - 2, _P) % _P  # d·y² + 1 != 0 as d is a non-square
-    if x2 == 0:
-        return sign == 0
-    return pow(x2, (_P - 1) // 2, _P) == 1  # Euler's criterion
+    u, v = (yy - 1) % _P, (_D * yy + 1) % _P  # v != 0: d is not a square
+    if u == 0:
+        return sign == 0  # x = 0
+    # u/v is a square iff u·v is (v² is one): one exponentiation (Euler's criterion).
+    return pow(u * v % _P, (_P - 1) // 2, _P) == 1
 
 
 def negotiate_capabilities(requested: Iterable[int], supported: Iterable[int]) -> tuple[int, ...]:
