@@ -29,8 +29,7 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events as _events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection as _AioquicConnection
-from aioquic.quic.connection import QuicConnectionState
-from aioquic.quic.connection import QuicConnectionError
+from aioquic.quic.connection import QuicConnectionError, QuicConnectionState
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
