@@ -129,3 +129,18 @@ async def test_half_closeable_stream_conformance() -> None:
             with trio.fail_after(60):
                 await trio.testing.check_half_closeable_stream(stream_maker, None)
         nursery.cancel_scope.cancel()
+
+
+async def test_small_writes_share_datagrams(echo_server: QuicServer) -> None:
+    async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+        stream = await conn.open_stream()
+        await stream.send_all(b"warm-up")
+        assert await stream.receive_some() == b"warm-up"
+        before = conn.stats().datagrams_sent
+        for index in range(200):
+            await stream.send_all(b"message %03d;" % index)
+        sent = conn.stats().datagrams_sent - before
+        await stream.send_eof()
+        echoed = await read_all(stream)
+    assert echoed == b"".join(b"message %03d;" % index for index in range(200))
+    assert sent < 50  # 200 writes in a tight loop leave in far fewer datagrams

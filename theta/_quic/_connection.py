@@ -48,6 +48,9 @@ logger = logging.getLogger("theta.quic")
 _INBOX_LIMIT = 4096  # datagrams queued per connection before the endpoint drops
 _INTERNAL_ERROR = 0x1
 _TIMER_STEP = 1e-6  # seconds
+_COALESCE_PASSES = 32  # scheduler passes a transmit may wait for writers still writing
+_COALESCE_BYTES = 32 * 1024  # ... unless this much is already waiting
+_COALESCE_IDLE_PASSES = 3  # ... and stops after this many passes without a new write
 
 
 class QuicConnection:
@@ -83,6 +86,7 @@ class QuicConnection:
         self._inbox: list[tuple[bytes, Address]] = []
         self._wake_pending = False
         self._wake_event = trio.Event()
+        self._written_since_transmit = 0
         self._acknowledged = trio.Event()
         self._acknowledged_waiters = 0
         self.created_at = trio.current_time()
@@ -241,6 +245,7 @@ class QuicConnection:
             except _engine.ENGINE_ERRORS as exc:
                 self._fail_engine(exc)
                 return
+            self._written_since_transmit = 0
             if datagrams:
                 await self._send(datagrams)
             self._release_writers()
@@ -259,9 +264,27 @@ class QuicConnection:
             else:
                 with trio.move_on_at(deadline):
                     await self._wake_event.wait()
+            await self._coalesce_writes()
             self._wake_pending = False
             if self._wake_event.is_set():
                 self._wake_event = trio.Event()
+
+    async def _coalesce_writes(self) -> None:
+        """While application tasks keep writing, let them finish before transmitting, so
+        that small writes share datagrams: yield one scheduler pass at a time while new
+        stream data keeps arriving (and nothing was received), at most a few passes and
+        ``_COALESCE_BYTES`` waiting. A lone write costs one pass (microseconds)."""
+        idle = 0
+        for _ in range(_COALESCE_PASSES):
+            if self._inbox or self._written_since_transmit == 0:
+                return
+            if self._written_since_transmit >= _COALESCE_BYTES:
+                return
+            written = self._written_since_transmit
+            await trio.lowlevel.checkpoint()
+            idle = idle + 1 if self._written_since_transmit == written else 0
+            if idle == _COALESCE_IDLE_PASSES:  # a write takes a few passes (lock, send)
+                return
 
     async def _send(self, datagrams: list[tuple[bytes, Address]]) -> None:
         self._datagrams_sent += len(datagrams)
@@ -395,6 +418,7 @@ class QuicConnection:
             self._quic.send_stream_data(stream.stream_id, data, end_stream=end_stream)
         except _engine.ENGINE_ERRORS as exc:
             raise trio.BrokenResourceError(f"stream {stream.stream_id}: {exc!r}") from exc
+        self._written_since_transmit += len(data) + 1
         self._wake()
 
     def _stream_consumed(self, stream: QuicStream, total: int) -> None:
