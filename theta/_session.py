@@ -101,7 +101,8 @@ class Session:
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
-        self._cancel_scope = trio.CancelScope()
+        self._cancel_scope = trio.CancelScope()  # everything, the handler included
+        self._tasks_scope = trio.CancelScope()  # the protocol tasks only
         self.replication = ReplicationChannel(self, replication, config)
         """The replication channel: state deltas, both ways."""
         self.assets = AssetChannel(self, assets, config)
@@ -245,26 +246,32 @@ class Session:
 
     async def _peer_closed(self, code: int, reason: str) -> None:
         """The peer ended the session: stop sending, but let the data already on its way
-        (up to the peer's FIN on each data stream) reach the inboxes, for a moment."""
-        if self._closed is None:
-            self._closed = SessionClosed(code, reason, by_peer=True)
-            self._closed_event.set()
-            try:
-                with trio.move_on_after(_CLOSE_GRACE):
-                    await self.replication._drained.wait()
-                    await self.assets._drained.wait()
-            finally:
-                self._record_close(code, reason, by_peer=True)
-                self._close_connection()
-        self._cancel_scope.cancel()
+        (up to the peer's FIN on each data stream) reach the inboxes, for a moment; a
+        handler then gets a moment more to consume them before it is cancelled."""
+        if self._closed is not None:
+            return
+        self._closed = SessionClosed(code, reason, by_peer=True)
+        self._closed_event.set()
+        try:
+            with trio.move_on_after(_CLOSE_GRACE):
+                await self.replication._drained.wait()
+                await self.assets._drained.wait()
+        finally:
+            self._record_close(code, reason, by_peer=True)
+            self._close_connection()
+            self._tasks_scope.cancel()
+            self._cancel_scope.deadline = min(
+                self._cancel_scope.deadline, trio.current_time() + _CLOSE_GRACE
+            )
 
     def _fail(self, error: ProtocolError) -> None:
-        """A protocol error detected here: close the connection at once with its code."""
+        """A protocol error detected here: close the connection at once with its code.
+        (Once the session is closing, that path ends it: errors after are expected.)"""
         if self._closed is None:
             logger.info("closing session %#x: %s: %s", self.session_id, error.code.name, error)
             self._record_close(error.code, error.reason, by_peer=False)
             self._close_connection()
-        self._cancel_scope.cancel()
+            self._cancel_scope.cancel()
 
     def _connection_lost(self, error: BaseException) -> None:
         if self._closed is None:
@@ -275,7 +282,7 @@ class Session:
                     ErrorCode.INTERNAL_ERROR, f"connection lost: {error!r}", by_peer=False
                 )
                 self._close_connection()
-        self._cancel_scope.cancel()
+            self._cancel_scope.cancel()
 
     def _raise_closed(self) -> NoReturn:
         assert self._closed is not None
@@ -312,14 +319,7 @@ class Session:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    for task in (
-                        self._control_reader,
-                        self._heartbeat_sender,
-                        self.replication._reader,
-                        self.assets._reader,
-                        self._stray_streams,
-                    ):
-                        nursery.start_soon(self._supervise, task)
+                    nursery.start_soon(self._run_tasks)
                     if handler is not None:
                         nursery.start_soon(self._run_handler, handler)
                     task_status.started()
@@ -329,6 +329,18 @@ class Session:
             self._close_connection()
             self.replication._session_closed()
             self.assets._session_closed()
+
+    async def _run_tasks(self) -> None:
+        with self._tasks_scope:
+            async with trio.open_nursery() as nursery:
+                for task in (
+                    self._control_reader,
+                    self._heartbeat_sender,
+                    self.replication._reader,
+                    self.assets._reader,
+                    self._stray_streams,
+                ):
+                    nursery.start_soon(self._supervise, task)
 
     async def _run_handler(self, handler: Callable[[Session], Awaitable[object]]) -> None:
         try:

@@ -131,16 +131,17 @@ async def test_half_closeable_stream_conformance() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_small_writes_share_datagrams(echo_server: QuicServer) -> None:
-    async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+async def test_small_writes_share_datagrams(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, digest_handler)  # reads, answers only at EOF
+    messages = [b"message %03d;" % index for index in range(200)]
+    async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
         stream = await conn.open_stream()
-        await stream.send_all(b"warm-up")
-        assert await stream.receive_some() == b"warm-up"
         before = conn.stats().datagrams_sent
-        for index in range(200):
-            await stream.send_all(b"message %03d;" % index)
+        for message in messages:
+            await stream.send_all(message)
         sent = conn.stats().datagrams_sent - before
         await stream.send_eof()
-        echoed = await read_all(stream)
-    assert echoed == b"".join(b"message %03d;" % index for index in range(200))
-    assert sent < 50  # 200 writes in a tight loop leave in far fewer datagrams
+        assert await read_all(stream) == hashlib.sha256(b"".join(messages)).digest()
+    # One datagram per write without coalescing (~200); ACKs arriving in between end a
+    # coalescing round early, so allow a generous margin.
+    assert sent < 100
