@@ -108,7 +108,7 @@ def fuzz(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Run every benchmark (or `-- NAME [ARGS]` for benchmarks/bench_NAME.py) and print tables."""
-    _install_groups(session, "test")
+    _install_groups(session, "test", "bench")
     available = sorted((ROOT / "benchmarks").glob("bench_*.py"))
     scripts, args = available, []
     if session.posargs:
