@@ -47,7 +47,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check theta, tests, examples and this file with mypy --strict."""
-    _install_groups(session, "test", "lint")
+    _install_groups(session, "test", "lint", "bench")
     session.run(
         "mypy", "--strict", "theta", "tests", "examples", "benchmarks", "fuzz", "noxfile.py"
     )
