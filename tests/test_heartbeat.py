@@ -335,6 +335,50 @@ def test_send_schedule() -> None:
     assert tracker.metrics().heartbeats_sent == 3
 
 
+def _peer_heartbeat(sequence: int, sent_at: float) -> Heartbeat:
+    return Heartbeat(sequence, round(sent_at * 1e6), 0, 0, 0, 0, 0)
+
+
+def test_following_the_peer_answers_each_heartbeat_at_once() -> None:
+    tracker = HeartbeatTracker(now=0.0, interval=0.5, timeout=5.0, follow_peer=True)
+    assert tracker.handle_timer(0.0) is not None  # the first one is due at construction
+    assert tracker.next_send_at == 0.625  # on its own: every 1.25 intervals
+    # The peer's first heartbeat 0.1 s after ours: too soon (under interval / 2) to answer.
+    tracker.receive(_peer_heartbeat(1, 0.1), 0.1)
+    assert tracker.handle_timer(0.1) is None
+    assert tracker.next_send_at == 0.625
+    # Its next one, 0.6 s after ours, is answered at once and aligns the schedule ...
+    tracker.receive(_peer_heartbeat(2, 0.6), 0.6)
+    assert tracker.next_send_at == 0.6
+    answer = tracker.handle_timer(0.6)
+    assert answer is not None
+    assert (answer.sequence, answer.echo_sequence, answer.echo_delay_us) == (2, 2, 0)
+    # ... so that the peer's later heartbeats always arrive before our own timer fires.
+    for sequence, now in ((3, 1.1), (4, 1.6), (5, 2.12), (6, 2.58)):
+        assert tracker.next_send_at > now
+        tracker.receive(_peer_heartbeat(sequence, now), now)
+        answer = tracker.handle_timer(now)
+        assert answer is not None
+        assert answer.echo_sequence == sequence
+    # A peer sending too fast is answered at most every interval / 2.
+    tracker.receive(_peer_heartbeat(7, 2.7), 2.7)
+    assert tracker.handle_timer(2.7) is None
+    tracker.receive(_peer_heartbeat(8, 2.83), 2.83)
+    assert tracker.handle_timer(2.83) is not None
+    # A silent peer: ours keep going every 1.25 intervals until the timeout.
+    assert tracker.handle_timer(3.455) is not None
+    assert tracker.next_send_at == pytest.approx(4.08)
+    assert tracker.metrics().heartbeats_sent == 8
+
+
+def test_not_following_ignores_the_peer_schedule() -> None:
+    tracker = HeartbeatTracker(now=0.0, interval=0.5, timeout=5.0)
+    assert tracker.handle_timer(0.0) is not None
+    tracker.receive(_peer_heartbeat(1, 0.3), 0.3)
+    assert tracker.next_send_at == 0.5
+    assert tracker.handle_timer(0.3) is None
+
+
 def test_get_timer_is_the_deadline_when_earlier() -> None:
     tracker = HeartbeatTracker(now=0.0, interval=10.0, timeout=3.0)
     assert tracker.handle_timer(0.0) is not None

@@ -2,7 +2,8 @@
 
 Theory of operation: :meth:`Session.run` opens the session's nursery and starts the
 control reader (heartbeats in, ``SessionClose``, the heartbeat-timeout deadline), the
-heartbeat sender, the replication and asset readers, and a watcher that treats any further
+heartbeat sender (woken by its timer, or by the reader when a server answers the client's
+heartbeat), the replication and asset readers, and a watcher that treats any further
 stream as a protocol violation. Background tasks never raise: a protocol error, a heartbeat
 timeout or the peer's close is recorded once as the session's :class:`SessionClosed`, the
 QUIC connection is closed with the matching code, and the session's cancel scope is
@@ -98,9 +99,13 @@ class Session:
             now=established_at,
             interval=config.heartbeat_interval,
             timeout=config.heartbeat_timeout,
+            # The server answers the client's heartbeats, so that one datagram carries its
+            # heartbeat and the acknowledgement of the client's.
+            follow_peer=isinstance(handshake, ServerHandshake),
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
+        self._heartbeat_due = trio.Event()  # set by the reader when a heartbeat is due now
         self._cancel_scope = trio.CancelScope()  # everything, the handler included
         self._tasks_scope = trio.CancelScope()  # the protocol tasks only
         self.replication = ReplicationChannel(self, replication, config)
@@ -366,16 +371,19 @@ class Session:
             self._connection_lost(error)
 
     async def _control_reader(self) -> None:
+        heartbeats = self._heartbeats
         while True:
-            with trio.move_on_at(self._heartbeats.deadline) as deadline:
+            with trio.move_on_at(heartbeats.deadline) as deadline:
                 message = await self._control.receive()
             now = trio.current_time()
             if deadline.cancelled_caught:
-                self._heartbeats.check_timeout(now)
+                heartbeats.check_timeout(now)
                 continue
             if isinstance(message, Heartbeat):
-                self._heartbeats.check_timeout(now)
-                self._heartbeats.receive(message, now)
+                heartbeats.check_timeout(now)
+                heartbeats.receive(message, now)
+                if heartbeats.next_send_at <= now:  # a server answers the client's at once
+                    self._heartbeat_due.set()
             elif isinstance(message, SessionClose):
                 await self._peer_closed(message.code, message.reason)
                 return
@@ -386,13 +394,21 @@ class Session:
                 raise ProtocolViolation(f"{type(message).__name__} after the handshake")
 
     async def _heartbeat_sender(self) -> None:
+        heartbeats = self._heartbeats
         while True:
-            await trio.sleep_until(self._heartbeats.next_send_at)
+            due = heartbeats.next_send_at
+            if trio.current_time() < due:
+                if self._heartbeat_due.is_set():
+                    self._heartbeat_due = trio.Event()
+                    continue  # the schedule changed: read it again
+                with trio.move_on_at(due):
+                    await self._heartbeat_due.wait()
+                continue
             if self._closed is not None:
                 return  # closing: "stops sending" (spec 4.6)
             if self._connection.unidirectional_streams_refused:
                 raise ProtocolViolation("the peer opened a unidirectional stream")
-            await self._control.send(self._heartbeats.build(trio.current_time()))
+            await self._control.send(heartbeats.build(trio.current_time()))
 
     async def _stray_streams(self) -> None:
         await self._connection.accept_stream()

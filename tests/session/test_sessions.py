@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
@@ -281,3 +282,22 @@ async def test_send_many_delivers_a_batch_in_order(nursery: trio.Nursery) -> Non
                 await session.replication.send_many([(1, b"ok"), (2, bytes(2 << 20))])
             await session.replication.send(b"after", tick=999)
             assert (await session.replication.receive()).tick == 999  # nothing half-sent
+
+
+async def test_server_heartbeat_answers_and_acknowledges_in_one_datagram(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, Session.wait_closed)
+    async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+        await trio.sleep(2.25)  # virtual seconds, between two heartbeats; aligned by now
+        before = session.diagnostics()
+        await trio.sleep(10.0)
+        after = session.diagnostics()
+    heartbeats_in = after.heartbeats_received - before.heartbeats_received
+    heartbeats_out = after.heartbeats_sent - before.heartbeats_sent
+    assert heartbeats_out == 20
+    assert heartbeats_in in (19, 20, 21)
+    # Per period: the client's heartbeat; the server's, which acknowledges it in the same
+    # datagram; the client's acknowledgement of that. Nothing else.
+    assert after.datagrams_received - before.datagrams_received == heartbeats_in
+    assert after.datagrams_sent - before.datagrams_sent == heartbeats_out + heartbeats_in

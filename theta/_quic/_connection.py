@@ -240,7 +240,10 @@ class QuicConnection:
                 if not self.handshake_complete.is_set() and now >= self._handshake_deadline:
                     self._give_up_handshake()
                     return
-                datagrams = quic.datagrams_to_send(now=trio.current_time())
+                now = trio.current_time()
+                if self._written_since_transmit:
+                    quic.ack_now(now)
+                datagrams = quic.datagrams_to_send(now=now)
                 timer_at = quic.get_timer()
             except _engine.ENGINE_ERRORS as exc:
                 self._fail_engine(exc)

@@ -14,6 +14,14 @@ Sending
     and ``jitter_us`` carry our smoothed RTT and jitter, saturated at 2**32 - 1. The first
     heartbeat is due at construction, later ones ``interval`` after the previous send.
 
+Following the peer (``follow_peer=True``, what theta's server does)
+    Each heartbeat received makes ours due at once, provided at least ``interval / 2`` has
+    passed since our previous send; without heartbeats from the peer ours go out every
+    ``interval * 1.25``. Our heartbeats then leave right after the peer's arrive, so the
+    QUIC packet carrying ours also acknowledges theirs (one datagram per period instead of
+    two), and the echo delay is near 0. The margin of ``interval / 4`` keeps our own timer
+    from racing the peer's next heartbeat once aligned.
+
 Receiving
     :meth:`~HeartbeatTracker.receive` rejects a sequence that does not strictly increase
     (the first must be >= 1) with :class:`ProtocolViolation`, leaving the tracker untouched.
@@ -121,7 +129,8 @@ class HeartbeatTracker:
 
     ``now`` is the current monotonic time in seconds; ``interval`` is the time between
     heartbeats sent, ``timeout`` the longest silence tolerated from the peer and ``window``
-    the number of recent RTT samples the percentiles are computed over. Raises
+    the number of recent RTT samples the percentiles are computed over; ``follow_peer``
+    sends each heartbeat as the peer's arrives (see the module documentation). Raises
     ``ValueError`` when ``interval`` or ``timeout`` is not a positive finite number or
     ``window`` is below 1.
     """
@@ -133,6 +142,7 @@ class HeartbeatTracker:
         interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         window: int = DEFAULT_RTT_WINDOW,
+        follow_peer: bool = False,
     ) -> None:
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"heartbeat interval must be positive and finite, not {interval!r}")
@@ -142,6 +152,10 @@ class HeartbeatTracker:
             raise ValueError(f"RTT window must hold at least 1 sample, not {window!r}")
         self._interval = interval
         self._timeout = timeout
+        self._follow_peer = follow_peer
+        # Between two sends: ``interval``, or up to a quarter more while following the peer.
+        self._send_period = interval * 1.25 if follow_peer else interval
+        self._last_sent_at = -math.inf
         self._next_send_at = now
         self._deadline = now + timeout
         self._next_sequence = 1
@@ -173,7 +187,7 @@ class HeartbeatTracker:
     @property
     def next_send_at(self) -> float:
         """When the next heartbeat is due (the construction time, then the last send plus
-        ``interval``)."""
+        ``interval``; when following the peer, see the module documentation)."""
         return self._next_send_at
 
     @property
@@ -205,7 +219,7 @@ class HeartbeatTracker:
 
     def build(self, now: float) -> Heartbeat:
         """Make the next heartbeat to send at ``now``, count it as sent and schedule the
-        next one at ``now + interval``."""
+        next one at ``now + interval`` (``interval * 1.25`` when following the peer)."""
         now_us = _to_us(now)
         # Held since its receipt; 0 (with the other echo fields) while nothing was received.
         echo_delay_us = max(0, now_us - self._peer_received_at_us) if self._peer_sequence else 0
@@ -225,7 +239,8 @@ class HeartbeatTracker:
         )
         self._next_sequence += 1
         self._sent += 1
-        self._next_send_at = now + self._interval
+        self._last_sent_at = now
+        self._next_send_at = now + self._send_period
         return heartbeat
 
     def receive(self, heartbeat: Heartbeat, now: float) -> None:
@@ -234,7 +249,8 @@ class HeartbeatTracker:
         Raises :class:`ProtocolViolation` (and changes nothing) when its sequence is not
         above the previous one's, or is 0 for the first. Otherwise records it for echoing,
         moves :attr:`deadline` to ``now + timeout`` and, when it echoes one of ours, takes
-        an RTT sample.
+        an RTT sample. When following the peer, ours becomes due at ``now`` if at least
+        ``interval / 2`` has passed since our last send.
         """
         if heartbeat.sequence <= self._peer_sequence:
             if self._peer_sequence:
@@ -251,6 +267,8 @@ class HeartbeatTracker:
         self._peer_jitter_us = heartbeat.jitter_us
         self._received += 1
         self._deadline = now + self._timeout
+        if self._follow_peer and now - self._last_sent_at >= self._interval / 2:
+            self._next_send_at = min(self._next_send_at, now)
         if heartbeat.echo_sequence != 0:
             rtt = now_us - heartbeat.echo_sent_at_us - heartbeat.echo_delay_us
             self._add_sample(max(0, rtt))
