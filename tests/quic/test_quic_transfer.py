@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import time
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from theta._quic import QuicConnection, QuicServer, QuicStream, open_quic_connection
+from theta._quic import QuicConnection, QuicServer, QuicStream, _engine, open_quic_connection
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .quic_helpers import (
     client_config,
     digest_handler,
+    echo_handler,
     payload,
     read_all,
     send_in_chunks,
@@ -145,3 +148,32 @@ async def test_small_writes_share_datagrams(nursery: trio.Nursery) -> None:
     # One datagram per write without coalescing (~200); ACKs arriving in between end a
     # coalescing round early, so allow a generous margin.
     assert sent < 100
+
+
+async def test_an_answer_leaves_in_the_round_that_received_the_request(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    transmits = collections.Counter[bool]()
+    original = _engine.EngineConnection.datagrams_to_send
+
+    def counting(self: _engine.EngineConnection, now: float) -> list[tuple[bytes, Any]]:
+        transmits[self.configuration.is_client] += 1
+        return original(self, now=now)
+
+    monkeypatch.setattr(_engine.EngineConnection, "datagrams_to_send", counting)
+    server = await start_server(nursery, echo_handler)
+    async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+        stream = await connection.open_stream()
+        await stream.send_all(b"warm-up")
+        assert await stream.receive_some() == b"warm-up"
+        transmits.clear()
+        for index in range(50):
+            request = b"request %d" % index
+            await stream.send_all(request)
+            assert await stream.receive_some() == request
+        server_transmits = transmits[False]
+    # Each request (which also acknowledges the previous answer) is answered, and
+    # acknowledged, by one transmit of the server: not one for the ACK and one for the echo.
+    assert server_transmits <= 52

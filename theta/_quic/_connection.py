@@ -51,6 +51,7 @@ _TIMER_STEP = 1e-6  # seconds
 _COALESCE_PASSES = 32  # scheduler passes a transmit may wait for writers still writing
 _COALESCE_BYTES = 32 * 1024  # ... unless this much is already waiting
 _COALESCE_IDLE_PASSES = 3  # ... and stops after this many passes without a new write
+_ANSWER_IDLE_PASSES = 5  # passes readers get to answer received data in the same round
 
 
 class QuicConnection:
@@ -231,9 +232,13 @@ class QuicConnection:
                 if timer_at is not None and now >= timer_at:
                     fired_at = timer_at
                     quic.handle_timer(now=max(timer_at, now))
-                self._route_events()
+                delivered = self._route_events()
                 if self.terminated.is_set():
                     return
+                if delivered:
+                    await self._await_answers()
+                    if self.terminated.is_set():
+                        return
                 if (peer_close := quic.peer_close()) is not None:
                     self._terminate(self._termination_error(peer_close))
                     return
@@ -243,6 +248,10 @@ class QuicConnection:
                 now = trio.current_time()
                 if self._written_since_transmit:
                     quic.ack_now(now)
+                if not self._inbox:  # what is sent now answers every wake-up so far
+                    self._wake_pending = False
+                    if self._wake_event.is_set():
+                        self._wake_event = trio.Event()
                 datagrams = quic.datagrams_to_send(now=now)
                 timer_at = quic.get_timer()
             except _engine.ENGINE_ERRORS as exc:
@@ -271,6 +280,20 @@ class QuicConnection:
             self._wake_pending = False
             if self._wake_event.is_set():
                 self._wake_event = trio.Event()
+
+    async def _await_answers(self) -> None:
+        """Stream data was just handed to readers: give them a few scheduler passes to
+        answer before transmitting, so that an immediate reply (a server's heartbeat, an
+        echo) leaves in this round's datagram together with the ACK of what was received,
+        instead of a round of its own. Ends after a few passes without a new write."""
+        written = self._written_since_transmit
+        idle = 0
+        while idle < _ANSWER_IDLE_PASSES and written < _COALESCE_BYTES and not self._inbox:
+            await trio.lowlevel.checkpoint()
+            if self._written_since_transmit == written:
+                idle += 1
+            else:
+                written, idle = self._written_since_transmit, 0
 
     async def _coalesce_writes(self) -> None:
         """While application tasks keep writing, let them finish before transmitting, so
@@ -312,13 +335,17 @@ class QuicConnection:
                 self._blocked_writers.discard(stream)
                 stream._on_writable()
 
-    def _route_events(self) -> None:
+    def _route_events(self) -> bool:
+        """Hand every engine event to its stream or handler; True if stream data (or a
+        FIN) reached a stream."""
         quic = self._quic
+        delivered = False
         while (event := quic.next_event()) is not None:
             if isinstance(event, _engine.StreamDataReceived):
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
                     stream._on_data(event.data, event.end_stream)
+                    delivered = True
             elif isinstance(event, _engine.StreamReset):
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
@@ -337,7 +364,8 @@ class QuicConnection:
                 self._endpoint.remove_cid(self, event.connection_id)
             elif isinstance(event, _engine.ConnectionTerminated):
                 self._terminate(self._termination_error(event))
-                return
+                return delivered
+        return delivered
 
     def _stream_for_event(self, stream_id: int) -> QuicStream | None:
         stream = self._streams.get(stream_id)
