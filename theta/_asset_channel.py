@@ -96,7 +96,7 @@ class AssetChannel(DataChannel[AssetProgress]):
         self, chunks: Iterable[AssetChunk], total: int, progress: Progress | None
     ) -> None:
         for chunk in chunks:
-            await self._session._guard(self._framed.send(chunk))
+            await self._send(chunk)
             if progress is not None:
                 progress(chunk.offset + len(chunk.data), total)
 

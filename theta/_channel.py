@@ -61,6 +61,15 @@ class DataChannel(Generic[T]):
         self._inbox_send, self._inbox = trio.open_memory_channel[T](queue_size)
         self._drained = trio.Event()
         """Set once the peer's direction ended (or the reader stopped)."""
+        self._carried_data = False  # whether the application sent anything on it
+
+    async def _send(self, message: Message) -> None:
+        self._carried_data = True
+        await self._session._guard(self._framed.send(message))
+
+    async def _send_many(self, messages: list[Message]) -> None:
+        self._carried_data = True
+        await self._session._guard(self._framed.send_many(messages))
 
     def _check_may_send(self) -> None:
         self._session._check_open()

@@ -6,20 +6,21 @@ from collections import deque
 
 import trio
 
+from theta._quic import QuicStream
 from theta.core import FrameDecoder, Message, encode_frame
 
 _READ_SIZE = 256 * 1024
 
 
 class FramedStream:
-    """Frames over one ``trio.abc.HalfCloseableStream``.
+    """Frames over one QUIC stream.
 
     ``receive()`` returns the next message or ``None`` at a clean end of stream and raises
     :class:`~theta.core.ProtocolError` for bad frames; ``send()`` is safe to call from
     several tasks (frames are never interleaved).
     """
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder) -> None:
+    def __init__(self, stream: QuicStream, decoder: FrameDecoder) -> None:
         self.stream = stream
         self.decoder = decoder
         self._pending: deque[Message] = deque()

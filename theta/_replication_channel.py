@@ -68,7 +68,7 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
         ``REPLICATE``, ``ValueError`` for a payload above the replication frame limit.
         """
         self._check_may_send()
-        await self._session._guard(self._framed.send(self._sender.message(tick, payload)))
+        await self._send(self._sender.message(tick, payload))
 
     async def send_many(self, updates: Iterable[tuple[int, bytes]]) -> None:
         """Send several ``(tick, payload)`` messages in one write: much cheaper than one
@@ -77,7 +77,7 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
         self._check_may_send()
         messages: list[Message] = [self._sender.message(tick, payload) for tick, payload in updates]
         if messages:
-            await self._session._guard(self._framed.send_many(messages))
+            await self._send_many(messages)
 
     async def receive(self) -> ReplicationMessage:
         """The next message from the peer (``payload`` decompressed, ``flags`` 0).

@@ -16,6 +16,7 @@ from theta._quic import (
     QuicConnection,
     QuicConnectionError,
     QuicServer,
+    QuicStream,
     StreamResetError,
     StreamStoppedError,
     serve_quic,
@@ -187,33 +188,64 @@ def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
 async def _handshake(
     connection: QuicConnection, config: ServerConfig, machine: ServerHandshake
 ) -> Session | None:
-    """Identify streams by their first frame, answer the hello, verify the confirm."""
-    found_send, found = trio.open_memory_channel[tuple[FramedStream, Message | None]](math.inf)
+    """Identify streams by their first frame, answer the hello, verify the confirm.
+
+    Frames that arrived before the connection ended still count: a client may send its
+    confirm, the channels and its close in one flight, and its session then runs (and
+    ends at once) like any other. The tasks that may still find something are counted;
+    the last one to finish says so, and the handshake fails with the connection's error.
+    """
+    found_send, found = trio.open_memory_channel[tuple[FramedStream, Message | None] | None](
+        math.inf
+    )
     limits = config.frame_limits
+    producers = 0
     async with trio.open_nursery() as nursery:
 
-        async def identify(stream: trio.abc.HalfCloseableStream) -> None:
+        def start_producer(task: Callable[..., Awaitable[None]], *args: object) -> None:
+            async def run() -> None:
+                nonlocal producers
+                try:
+                    await task(*args)
+                finally:
+                    producers -= 1
+                    if not producers:  # nothing more can be found
+                        found_send.send_nowait(None)
+
+            nonlocal producers
+            producers += 1
+            nursery.start_soon(run)
+
+        async def identify(stream: QuicStream) -> None:
             framed = FramedStream(stream, FrameDecoder(None, limits=limits))
             first = await framed.receive()
             if first is None:
                 raise ProtocolViolation("a stream ended before its first frame")
-            await found_send.send((framed, first))
+            found_send.send_nowait((framed, first))
 
-        accepted: list[trio.abc.HalfCloseableStream] = []
+        accepted: list[QuicStream] = []
 
         async def accept_streams() -> None:
             while True:
-                stream = await connection.accept_stream()
+                try:
+                    stream = await connection.accept_stream()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the connection is over; the streams it had still count
                 accepted.append(stream)
-                nursery.start_soon(identify, stream)
+                start_producer(identify, stream)
 
         async def read_confirm(control: FramedStream) -> None:
-            await found_send.send((control, await control.receive()))
+            found_send.send_nowait((control, await control.receive()))
 
-        nursery.start_soon(accept_streams)
+        start_producer(accept_streams)
         streams: dict[Channel, FramedStream] = {}
         while not (machine.is_established and len(streams) == 3):
-            framed, message = await found.receive()
+            item = await found.receive()
+            if item is None:  # the connection ended before the handshake did
+                if connection.error is not None:
+                    raise connection.error
+                raise ProtocolViolation("the handshake ended unfinished")
+            framed, message = item
             channel = framed.decoder.channel
             assert channel is not None
             if channel in streams and streams[channel] is not framed:
@@ -232,7 +264,7 @@ async def _handshake(
                 return None
             if reply is not None:
                 await framed.send(reply)
-                nursery.start_soon(read_confirm, framed)
+                start_producer(read_confirm, framed)
         nursery.cancel_scope.cancel()
     if len(accepted) > len(streams):  # counted once no task can still be taking one
         raise ProtocolViolation("a stream beyond the three channels was opened")

@@ -24,6 +24,7 @@ from theta._diagnostics import TransportDiagnostics
 from theta._errors import SessionClosed
 from theta._framed import FramedStream
 from theta._quic import (
+    ConnectionClosedByPeer,
     QuicConnection,
     QuicConnectionError,
     StreamResetError,
@@ -204,8 +205,11 @@ class Session:
     # -- closing -----------------------------------------------------------------------
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """End the session: ``SessionClose{code, reason}`` to the peer, then the QUIC close
-        with the same code. Idempotent; returns once the session's tasks are stopping.
+        """End the session: ``SessionClose{code, reason}`` to the peer, FIN on every
+        stream, then the QUIC close with the same code. What the application sent on the
+        replication and assets channels is acknowledged by the peer before the QUIC close
+        (for at most a second); with nothing to wait for, the close is immediate.
+        Idempotent; returns once the session's tasks are stopping.
 
         ``code`` is a wire error code (0..65535); ``reason`` is cut to 1 KiB of UTF-8.
         """
@@ -222,7 +226,16 @@ class Session:
                         await self._control.send_eof()
                         await self.replication._finish_quietly()
                         await self.assets._finish_quietly()
-                        await self._connection.wait_acknowledged()
+                        # The peer's QUIC stack has what was sent once it acknowledged it;
+                        # the SessionClose itself needs no wait (the QUIC close repeats its
+                        # code), nor do channels that carried no application data.
+                        carried = [
+                            channel._framed.stream
+                            for channel in (self.replication, self.assets)
+                            if channel._carried_data
+                        ]
+                        if carried:
+                            await self._connection.wait_acknowledged(carried)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             finally:
@@ -367,6 +380,11 @@ class Session:
         except (StreamResetError, StreamStoppedError) as error:
             # The spec has no code for a peer aborting a channel: it breaks the protocol.
             self._fail(ProtocolViolation(f"the peer aborted a channel ({error!r})"))
+        except ConnectionClosedByPeer as error:
+            # The peer's QUIC close often arrives with its SessionClose and last data in
+            # one flight: what was received before it is still delivered, as after a
+            # SessionClose.
+            await self._peer_closed(error.code, error.reason)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             self._connection_lost(error)
 

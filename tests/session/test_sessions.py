@@ -13,6 +13,7 @@ import trio.testing
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
 from theta.core import ClientHandshake, ReplicationMessage
+from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .helpers import client_config, echo, session_task_names, start_server, tasks_left_after
 
@@ -89,6 +90,8 @@ async def test_capability_negotiation_filters_unsupported(nursery: trio.Nursery)
             "127.0.0.1", server.port, client_config(capabilities=(2, 4, 5))
         ) as session:
             assert session.negotiated_capabilities == (2,)
+        while not seen:  # the close does not wait for the server's handler to start
+            await trio.testing.wait_all_tasks_blocked()
     assert seen == [(2,)]
 
 
@@ -301,3 +304,36 @@ async def test_server_heartbeat_answers_and_acknowledges_in_one_datagram(
     # datagram; the client's acknowledgement of that. Nothing else.
     assert after.datagrams_received - before.datagrams_received == heartbeats_in
     assert after.datagrams_sent - before.datagrams_sent == heartbeats_out + heartbeats_in
+
+
+@pytest.mark.parametrize("send_first", [False, True])
+async def test_close_waits_only_for_application_data(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, send_first: bool
+) -> None:
+    seen: list[SessionClosed] = []
+    received: list[bytes] = []
+    handled = trio.Event()
+
+    async def handler(session: Session) -> None:
+        async for message in session.replication:
+            received.append(message.payload)
+        seen.append(await session.wait_closed())
+        handled.set()
+
+    server = await start_server(nursery, handler)
+    one_way = LinkConditionerConfig(delay=0.05)  # virtual seconds: a 100 ms round trip
+    link = LinkConditioner(server.address, one_way, one_way, seed=1)
+    await nursery.start(link.run)
+    async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+        if send_first:
+            await session.replication.send(b"last words", tick=1)
+        started = trio.current_time()
+        await session.close(ErrorCode.GOING_AWAY, "bye")
+        took = trio.current_time() - started
+    # Application data is acknowledged before the QUIC close (one round trip); without
+    # any, the SessionClose and the QUIC close leave at once.
+    assert (took > 0.099) if send_first else (took < 0.01), took
+    with trio.fail_after(5):
+        await handled.wait()
+    assert received == ([b"last words"] if send_first else [])
+    assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)

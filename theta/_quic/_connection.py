@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -51,7 +51,7 @@ _TIMER_STEP = 1e-6  # seconds
 _COALESCE_PASSES = 32  # scheduler passes a transmit may wait for writers still writing
 _COALESCE_BYTES = 32 * 1024  # ... unless this much is already waiting
 _COALESCE_IDLE_PASSES = 3  # ... and stops after this many passes without a new write
-_ANSWER_IDLE_PASSES = 5  # passes readers get to answer received data in the same round
+_ANSWER_PASSES = 10  # scheduler passes the application gets to answer what it received
 
 
 class QuicConnection:
@@ -143,18 +143,17 @@ class QuicConnection:
         else:
             await trio.lowlevel.checkpoint()
 
-    async def wait_acknowledged(self) -> None:
-        """Wait until the peer has acknowledged every byte and FIN sent on every stream
-        (returns early once the connection is closing or over). Reset streams don't count.
-        Use before a graceful ``close``; the context managers do, bounded by the idle
-        timeout."""
+    async def wait_acknowledged(self, streams: Iterable[QuicStream] | None = None) -> None:
+        """Wait until the peer has acknowledged every byte and FIN sent on ``streams``
+        (default: every stream); returns early once the connection is closing or over.
+        Reset streams don't count. Use before a graceful ``close``; the context managers
+        do, bounded by the idle timeout."""
+        stream_ids = None if streams is None else [stream.stream_id for stream in streams]
         while (
             not self._closed_locally
             and not self.terminated.is_set()
-            and self._quic.has_unacknowledged_data()
+            and self._quic.has_unacknowledged_data(stream_ids)
         ):
-            if self._acknowledged.is_set():
-                self._acknowledged = trio.Event()
             self._acknowledged_waiters += 1
             try:
                 await self._acknowledged.wait()
@@ -163,10 +162,13 @@ class QuicConnection:
         await trio.lowlevel.checkpoint()
 
     def close_nowait(self, code: int = 0, reason: str = "") -> None:
-        """Start closing and hand the CONNECTION_CLOSE to the socket now (never blocks)."""
+        """Start closing and hand the CONNECTION_CLOSE to the socket now (never blocks).
+        Stream data already written goes out first (as far as congestion control allows),
+        unacknowledged: the peer may or may not receive it."""
         if self.terminated.is_set() or self._closed_locally:
             return
         self._closed_locally = True
+        self._flush_nowait()  # once closing, the engine sends nothing else
         try:
             self._quic.close(error_code=code, reason_phrase=reason)
         except _engine.ENGINE_ERRORS as exc:
@@ -261,8 +263,9 @@ class QuicConnection:
             if datagrams:
                 await self._send(datagrams)
             self._release_writers()
-            if self._acknowledged_waiters and not quic.has_unacknowledged_data():
+            if self._acknowledged_waiters:  # they check what they wait for themselves
                 self._acknowledged.set()
+                self._acknowledged = trio.Event()
             deadline = math.inf if timer_at is None else timer_at
             if timer_at is not None and timer_at == fired_at:
                 # aioquic can re-arm its loss timer at exactly the instant it just handled
@@ -282,18 +285,21 @@ class QuicConnection:
                 self._wake_event = trio.Event()
 
     async def _await_answers(self) -> None:
-        """Stream data was just handed to readers: give them a few scheduler passes to
-        answer before transmitting, so that an immediate reply (a server's heartbeat, an
-        echo) leaves in this round's datagram together with the ACK of what was received,
-        instead of a round of its own. Ends after a few passes without a new write."""
+        """Stream data (or the handshake's completion) was just handed to the application:
+        give it a few scheduler passes to answer before transmitting, so that an immediate
+        reply (a heartbeat, an echo, a handshake message) leaves in this round's datagram
+        together with the ACK of what was received, instead of a round of its own. Ends
+        after ``_ANSWER_PASSES`` passes without a write, or a few passes after the last
+        write (the writer may have more)."""
         written = self._written_since_transmit
         idle = 0
-        while idle < _ANSWER_IDLE_PASSES and written < _COALESCE_BYTES and not self._inbox:
+        patience = _ANSWER_PASSES
+        while idle < patience and written < _COALESCE_BYTES and not self._inbox:
             await trio.lowlevel.checkpoint()
             if self._written_since_transmit == written:
                 idle += 1
             else:
-                written, idle = self._written_since_transmit, 0
+                written, idle, patience = self._written_since_transmit, 0, _COALESCE_IDLE_PASSES
 
     async def _coalesce_writes(self) -> None:
         """While application tasks keep writing, let them finish before transmitting, so
@@ -318,8 +324,12 @@ class QuicConnection:
         await self._endpoint.send_datagrams(datagrams)
 
     def _flush_nowait(self) -> None:
+        now = trio.current_time()
         try:
-            datagrams = self._quic.datagrams_to_send(now=trio.current_time())
+            if self._written_since_transmit:
+                self._quic.ack_now(now)
+            self._written_since_transmit = 0
+            datagrams = self._quic.datagrams_to_send(now=now)
         except _engine.ENGINE_ERRORS:
             return
         self._datagrams_sent += len(datagrams)
@@ -337,7 +347,7 @@ class QuicConnection:
 
     def _route_events(self) -> bool:
         """Hand every engine event to its stream or handler; True if stream data (or a
-        FIN) reached a stream."""
+        FIN) reached a stream or the handshake completed."""
         quic = self._quic
         delivered = False
         while (event := quic.next_event()) is not None:
@@ -358,6 +368,7 @@ class QuicConnection:
                 self.handshake_complete.set()
                 if self.on_established is not None:
                     self.on_established(self)
+                delivered = True  # the client's first stream data may join its Finished
             elif isinstance(event, _engine.ConnectionIdIssued):
                 self._endpoint.add_cid(self, event.connection_id)
             elif isinstance(event, _engine.ConnectionIdRetired):

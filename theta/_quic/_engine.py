@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -270,9 +271,14 @@ class EngineConnection(_AioquicConnection):
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
-    def has_unacknowledged_data(self) -> bool:
-        """True while any stream has sent data or a FIN the peer has not acknowledged."""
-        for stream in self._streams.values():
+    def has_unacknowledged_data(self, stream_ids: Iterable[int] | None = None) -> bool:
+        """True while any stream (of ``stream_ids``, default all) has sent data or a FIN
+        the peer has not acknowledged."""
+        if stream_ids is None:
+            streams: Iterable[_AioquicStream] = self._streams.values()
+        else:
+            streams = [s for sid in stream_ids if (s := self._streams.get(sid)) is not None]
+        for stream in streams:
             sender = stream.sender
             if sender._reset_error_code is not None:
                 continue
