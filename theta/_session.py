@@ -1,14 +1,14 @@
 """An established Theta session: one nursery owning every task of the session.
 
 Theory of operation: :meth:`Session.run` opens the session's nursery and starts the
-control reader (heartbeats in, ``SessionClose``, the heartbeat-timeout deadline), the
-heartbeat sender (woken by its timer, or by the reader when a server answers the client's
-heartbeat), the replication and asset readers, and a watcher that treats any further
-stream as a protocol violation. Background tasks never raise: a protocol error, a heartbeat
-timeout or the peer's close is recorded once as the session's :class:`SessionClosed`, the
-QUIC connection is closed with the matching code, and the session's cancel scope is
-cancelled — so every task of the session is gone when ``run`` returns. Every later
-operation on the session raises that :class:`SessionClosed`.
+control reader (heartbeats and ``SessionClose`` in), the heartbeat sender (heartbeats out
+and the heartbeat-timeout deadline; woken by its timer, or by the reader when a server
+answers the client's heartbeat), the replication and asset readers, and a watcher that
+treats any further stream as a protocol violation. Background tasks never raise: a
+protocol error, a heartbeat timeout or the peer's close is recorded once as the session's
+:class:`SessionClosed`, the QUIC connection is closed with the matching code, and the
+session's cancel scope is cancelled — so every task of the session is gone when ``run``
+returns. Every later operation on the session raises that :class:`SessionClosed`.
 """
 
 from __future__ import annotations
@@ -391,12 +391,8 @@ class Session:
     async def _control_reader(self) -> None:
         heartbeats = self._heartbeats
         while True:
-            with trio.move_on_at(heartbeats.deadline) as deadline:
-                message = await self._control.receive()
+            message = await self._control.receive()  # the sender watches the deadline
             now = trio.current_time()
-            if deadline.cancelled_caught:
-                heartbeats.check_timeout(now)
-                continue
             if isinstance(message, Heartbeat):
                 heartbeats.check_timeout(now)
                 heartbeats.receive(message, now)
@@ -412,14 +408,17 @@ class Session:
                 raise ProtocolViolation(f"{type(message).__name__} after the handshake")
 
     async def _heartbeat_sender(self) -> None:
+        """Send heartbeats when due and enforce the heartbeat timeout: this task's single
+        timer is the earlier of the two (the reader then needs none)."""
         heartbeats = self._heartbeats
         while True:
-            due = heartbeats.next_send_at
-            if trio.current_time() < due:
+            now = trio.current_time()
+            heartbeats.check_timeout(now)
+            if now < heartbeats.next_send_at:
                 if self._heartbeat_due.is_set():
                     self._heartbeat_due = trio.Event()
                     continue  # the schedule changed: read it again
-                with trio.move_on_at(due):
+                with trio.move_on_at(heartbeats.get_timer()):
                     await self._heartbeat_due.wait()
                 continue
             if self._closed is not None:

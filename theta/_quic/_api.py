@@ -69,7 +69,7 @@ async def open_quic_connection(
                 connection = QuicConnection(endpoint, engine, config, addr, is_client=True)
                 endpoint.add_client_connection(connection)
                 connection.connect()
-                nursery.start_soon(endpoint.receive_loop)
+                nursery.start_soon(endpoint.run)
                 nursery.start_soon(connection.run)
                 await connection.handshake_complete.wait()
                 if connection.error is not None:
@@ -180,7 +180,7 @@ async def serve_quic(
                     return connection
 
                 endpoint.new_connection = new_connection
-                nursery.start_soon(endpoint.receive_loop)
+                nursery.start_soon(endpoint.run)
                 task_status.started(QuicServer(endpoint, config))
     finally:
         for connection in list(endpoint.connections):

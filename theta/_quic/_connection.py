@@ -1,16 +1,17 @@
 """The per-connection driver: one long-lived trio task around one engine connection.
 
 Theory of operation. The endpoint's receive loop appends datagrams to the connection's
-inbox and wakes it; stream writers call the engine and wake it. Waking is a flag plus an
-event (a wake-up that arrives while the driver is busy is never lost). Each round the
-driver task:
+inbox and wakes it; stream writers call the engine and wake it. Waking is a flag plus
+rescheduling the parked driver task (a wake-up that arrives while the driver is busy is
+never lost). Each round the driver task:
 
 1. feeds every inboxed datagram to the engine,
 2. fires the engine timer if due, with ``now = max(timer_at, trio.current_time())``,
-3. drains and routes every engine event,
+3. drains and routes every engine event (and, when data was handed to the application,
+   gives it a few scheduler passes to answer, so the answer joins this round's ACK),
 4. transmits everything the engine has to send (once per round),
-5. re-reads the single timer (``min(engine timer, handshake deadline)``) and sleeps until
-   that deadline or a wake-up.
+5. re-reads the single timer (``min(engine timer, handshake deadline)``) and parks until
+   that deadline (kept by the endpoint's timer queue, ``_timers``) or a wake-up.
 
 Every engine call happens in this task or in a stream method while the driver is parked
 after step 3, so streams always see the effect of events already routed. Any exception
@@ -86,7 +87,9 @@ class QuicConnection:
         self._blocked_writers: set[QuicStream] = set()
         self._inbox: list[tuple[bytes, Address]] = []
         self._wake_pending = False
-        self._wake_event = trio.Event()
+        self._parked: trio.lowlevel.Task | None = None  # the driver task, while parked
+        self.timer_deadline = math.inf  # see _timers.Sleeper
+        self.timer_queued = math.inf
         self._written_since_transmit = 0
         self._acknowledged = trio.Event()
         self._acknowledged_waiters = 0
@@ -198,7 +201,27 @@ class QuicConnection:
 
     def _wake(self) -> None:
         self._wake_pending = True
-        self._wake_event.set()
+        self._unpark()
+
+    def _unpark(self) -> None:
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def timer_expired(self) -> None:
+        """The endpoint's timer queue: the driver's deadline has come."""
+        self._unpark()
+
+    async def _park(self, deadline: float) -> None:
+        """Sleep until woken or ``deadline`` (no cancel scope: see ``_timers``)."""
+        self._endpoint.timers.schedule(self, deadline)
+        self._parked = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+
+    def _abort_park(self, _: object) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def wake(self) -> None:
         """Ask the driver task to run a round (the endpoint calls it after a batch)."""
@@ -252,8 +275,6 @@ class QuicConnection:
                     quic.ack_now(now)
                 if not self._inbox:  # what is sent now answers every wake-up so far
                     self._wake_pending = False
-                    if self._wake_event.is_set():
-                        self._wake_event = trio.Event()
                 datagrams = quic.datagrams_to_send(now=now)
                 timer_at = quic.get_timer()
             except _engine.ENGINE_ERRORS as exc:
@@ -277,12 +298,9 @@ class QuicConnection:
             if self._wake_pending:
                 await trio.lowlevel.checkpoint()
             else:
-                with trio.move_on_at(deadline):
-                    await self._wake_event.wait()
+                await self._park(deadline)
             await self._coalesce_writes()
             self._wake_pending = False
-            if self._wake_event.is_set():
-                self._wake_event = trio.Event()
 
     async def _await_answers(self) -> None:
         """Stream data (or the handshake's completion) was just handed to the application:
@@ -443,6 +461,8 @@ class QuicConnection:
         self._blocked_writers.clear()
         self._inbox.clear()
         self._acknowledged.set()
+        self._endpoint.timers.schedule(self, math.inf)
+        self._unpark()
         self._endpoint.remove_connection(self)
 
     def _raise_if_over(self) -> None:

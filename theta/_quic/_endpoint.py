@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _engine
+from ._timers import TimerQueue
 
 if TYPE_CHECKING:
     from ._connection import QuicConnection
@@ -83,6 +84,8 @@ class UdpEndpoint:
         self.connections: set[QuicConnection] = set()
         self._client: QuicConnection | None = None
         self._send_lock = trio.Lock()
+        self.timers = TimerQueue()
+        """The deadlines of this endpoint's connection drivers."""
         self.refused_initials = 0
         """Initials dropped because a cap was reached."""
         self.dropped_datagrams = 0
@@ -149,6 +152,12 @@ class UdpEndpoint:
                 return
 
     # -- receiving --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The endpoint's tasks, until cancelled: the receive loop and the timer queue."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.timers.run)
+            await self.receive_loop()
 
     async def receive_loop(self) -> None:
         """Read, route and wake, forever (until cancelled)."""

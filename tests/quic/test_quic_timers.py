@@ -1,0 +1,80 @@
+"""The endpoint's timer queue: one task waking many parked drivers at their deadlines."""
+
+from __future__ import annotations
+
+import math
+
+import trio
+import trio.testing
+
+from theta._quic._timers import TimerQueue
+
+
+class Recorder:
+    """A sleeper that records when it was woken (on trio's clock)."""
+
+    def __init__(self, name: str, woken: list[tuple[str, float]]) -> None:
+        self.name = name
+        self.woken = woken
+        self.timer_deadline = math.inf
+        self.timer_queued = math.inf
+
+    def timer_expired(self) -> None:
+        self.woken.append((self.name, trio.current_time()))
+
+
+async def test_sleepers_wake_at_their_deadlines_in_order(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    queue = TimerQueue()
+    nursery.start_soon(queue.run)
+    woken: list[tuple[str, float]] = []
+    start = trio.current_time()
+    for name, delay in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("a2", 1.0)):
+        queue.schedule(Recorder(name, woken), start + delay)
+    await trio.sleep(5)
+    assert woken == [("a", start + 1), ("a2", start + 1), ("b", start + 2), ("c", start + 3)]
+
+
+async def test_rescheduling_later_earlier_and_cancelling(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    queue = TimerQueue()
+    nursery.start_soon(queue.run)
+    woken: list[tuple[str, float]] = []
+    start = trio.current_time()
+    later = Recorder("later", woken)
+    queue.schedule(later, start + 1)
+    queue.schedule(later, start + 4)  # the entry at +1 stays and re-queues it at +4
+    earlier = Recorder("earlier", woken)
+    queue.schedule(earlier, start + 3)
+    queue.schedule(earlier, start + 2)  # the entry at +3 is superseded
+    cancelled = Recorder("cancelled", woken)
+    queue.schedule(cancelled, start + 1.5)
+    queue.schedule(cancelled, math.inf)
+    await trio.sleep(10)
+    assert woken == [("earlier", start + 2), ("later", start + 4)]
+    assert later.timer_queued == earlier.timer_queued == cancelled.timer_queued == math.inf
+
+
+async def test_a_new_earliest_deadline_wakes_the_queue_sooner(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    queue = TimerQueue()
+    nursery.start_soon(queue.run)
+    woken: list[tuple[str, float]] = []
+    start = trio.current_time()
+    queue.schedule(Recorder("far", woken), start + 100)
+    await trio.sleep(1)  # the queue's task now sleeps until +100
+    queue.schedule(Recorder("near", woken), start + 2)
+    await trio.sleep(2)
+    assert woken == [("near", start + 2)]
+
+
+async def test_stale_entries_are_pruned() -> None:
+    queue = TimerQueue()
+    sleepers = [Recorder(str(index), []) for index in range(10)]
+    for step in range(1000):  # ever earlier deadlines: each push makes one entry stale
+        for sleeper in sleepers:
+            queue.schedule(sleeper, 10_000.0 - step)
+    assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1
