@@ -23,13 +23,17 @@ class Recorder:
         self.woken.append((self.name, trio.current_time()))
 
 
+def running_queue(nursery: trio.Nursery) -> tuple[TimerQueue, list[tuple[str, float]], float]:
+    """A queue running in ``nursery``, the list its recorders log to, and the start time."""
+    queue = TimerQueue()
+    nursery.start_soon(queue.run)
+    return queue, [], trio.current_time()
+
+
 async def test_sleepers_wake_at_their_deadlines_in_order(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    queue = TimerQueue()
-    nursery.start_soon(queue.run)
-    woken: list[tuple[str, float]] = []
-    start = trio.current_time()
+    queue, woken, start = running_queue(nursery)
     for name, delay in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("a2", 1.0)):
         queue.schedule(Recorder(name, woken), start + delay)
     await trio.sleep(5)
@@ -39,10 +43,7 @@ async def test_sleepers_wake_at_their_deadlines_in_order(
 async def test_rescheduling_later_earlier_and_cancelling(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    queue = TimerQueue()
-    nursery.start_soon(queue.run)
-    woken: list[tuple[str, float]] = []
-    start = trio.current_time()
+    queue, woken, start = running_queue(nursery)
     later = Recorder("later", woken)
     queue.schedule(later, start + 1)
     queue.schedule(later, start + 4)  # the entry at +1 stays and re-queues it at +4
@@ -60,10 +61,7 @@ async def test_rescheduling_later_earlier_and_cancelling(
 async def test_a_new_earliest_deadline_wakes_the_queue_sooner(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    queue = TimerQueue()
-    nursery.start_soon(queue.run)
-    woken: list[tuple[str, float]] = []
-    start = trio.current_time()
+    queue, woken, start = running_queue(nursery)
     queue.schedule(Recorder("far", woken), start + 100)
     await trio.sleep(1)  # the queue's task now sleeps until +100
     queue.schedule(Recorder("near", woken), start + 2)
