@@ -106,7 +106,7 @@ class Session:
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
-        self._heartbeat_due = trio.Event()  # set by the reader when a heartbeat is due now
+        self._heartbeat_due = trio.lowlevel.ParkingLot()  # the reader: due now
         self._cancel_scope = trio.CancelScope()  # everything, the handler included
         self._tasks_scope = trio.CancelScope()  # the protocol tasks only
         self.replication = ReplicationChannel(self, replication, config)
@@ -397,7 +397,7 @@ class Session:
                 heartbeats.check_timeout(now)
                 heartbeats.receive(message, now)
                 if heartbeats.next_send_at <= now:  # a server answers the client's at once
-                    self._heartbeat_due.set()
+                    self._heartbeat_due.unpark_all()
             elif isinstance(message, SessionClose):
                 await self._peer_closed(message.code, message.reason)
                 return
@@ -415,11 +415,8 @@ class Session:
             now = trio.current_time()
             heartbeats.check_timeout(now)
             if now < heartbeats.next_send_at:
-                if self._heartbeat_due.is_set():
-                    self._heartbeat_due = trio.Event()
-                    continue  # the schedule changed: read it again
                 with trio.move_on_at(heartbeats.get_timer()):
-                    await self._heartbeat_due.wait()
+                    await self._heartbeat_due.park()
                 continue
             if self._closed is not None:
                 return  # closing: "stops sending" (spec 4.6)

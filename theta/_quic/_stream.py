@@ -46,12 +46,14 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._eof = False
         self._receive_error: BaseException | None = None
         self._receiving = False
-        self._readable = trio.Event()
+        # Waiters re-check the stream's state before parking: lots are reusable, where
+        # an Event per wait would be one more object per frame for the collector.
+        self._readable = trio.lowlevel.ParkingLot()
         # send side
         self._eof_sent = False
         self._send_error: BaseException | None = None
         self._sending = False
-        self._writable = trio.Event()
+        self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
         self.max_unacked_bytes = 0
         """Largest unacknowledged-bytes figure seen right after a write (for tests/stats)."""
@@ -78,10 +80,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._check_send()
             if self.unacked_bytes() < self._high_water:
                 return
-            if self._writable.is_set():
-                self._writable = trio.Event()
             self._connection._blocked_writers.add(self)
-            await self._writable.wait()
+            await self._writable.park()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data``; blocks while the unacknowledged bytes are at the high-water mark."""
@@ -145,9 +145,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     raise self._receive_error
                 if self._eof:
                     return b""
-                if self._readable.is_set():
-                    self._readable = trio.Event()
-                await self._readable.wait()
+                await self._readable.park()
             count = min(len(self._buffer), max_bytes or _DEFAULT_READ)
             data = bytes(self._buffer[:count])
             del self._buffer[:count]
@@ -182,29 +180,29 @@ class QuicStream(trio.abc.HalfCloseableStream):
     # -- called by the connection driver ------------------------------------------------
 
     def _wake_all(self) -> None:
-        self._readable.set()
-        self._writable.set()
+        self._readable.unpark_all()
+        self._writable.unpark_all()
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:
         if data and not self._closed:
             self._buffer += data
         if end_stream:
             self._eof = True
-        self._readable.set()
+        self._readable.unpark_all()
 
     def _on_reset(self, code: int) -> None:
         if self._receive_error is None and not self._eof:
             self._receive_error = StreamResetError(code)
             self._buffer.clear()
-        self._readable.set()
+        self._readable.unpark_all()
 
     def _on_stop_sending(self, code: int) -> None:
         if self._send_error is None:
             self._send_error = StreamStoppedError(code)
-        self._writable.set()
+        self._writable.unpark_all()
 
     def _on_writable(self) -> None:
-        self._writable.set()
+        self._writable.unpark_all()
 
     def _on_connection_error(self, error: BaseException) -> None:
         if self._receive_error is None and not self._eof:
