@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -43,7 +44,7 @@ class ReceiveIterator(Generic[U]):
             raise
 
 
-class DataChannel(Generic[T]):
+class DataChannel(abc.ABC, Generic[T]):
     """A data channel of a session: frames out through the stream, received items in
     through a bounded inbox (while it is full the reader stops reading and QUIC flow
     control slows the peer down).
@@ -96,8 +97,10 @@ class DataChannel(Generic[T]):
     def _session_closed(self) -> None:
         self._inbox_send.close()
 
+    @abc.abstractmethod
     def _accept(self, message: Message) -> T:
-        raise NotImplementedError
+        """Turn a received message into the item handed to the application (may raise
+        :class:`~theta.core.ProtocolError`)."""
 
     def _end_of_stream(self) -> None:
         """The peer finished its direction (FIN on a frame boundary)."""
