@@ -27,9 +27,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # aioquic is imported by the asyncio peers only
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.quic.configuration import QuicConfiguration
 
 HOST = "127.0.0.1"
+ALPN = "theta/1"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 _PROFILE_ENV = "THETA_BENCH_PROFILE"
@@ -180,6 +185,44 @@ async def read_commands() -> AsyncIterator[str]:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 yield line.decode()
+
+
+# --- aioquic baselines ------------------------------------------------------------------
+
+
+async def serve_aioquic(
+    cert: str, key: str, create_protocol: type[QuicConnectionProtocol] | None = None
+) -> None:
+    """(in an asyncio peer) Serve aioquic on ``HOST`` with ``create_protocol`` (aioquic's
+    default if ``None``), say the bound port and run until terminated."""
+    import asyncio
+
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.asyncio.server import serve
+    from aioquic.quic.configuration import QuicConfiguration
+
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    configuration.load_cert_chain(cert, key)
+    server = await serve(
+        HOST,
+        0,
+        configuration=configuration,
+        create_protocol=create_protocol or QuicConnectionProtocol,
+    )
+    assert server._transport is not None  # no public accessor for the bound port
+    say("port", str(server._transport.get_extra_info("sockname")[1]))
+    await asyncio.Event().wait()
+
+
+def aioquic_client_configuration(cert: str) -> QuicConfiguration:
+    """An aioquic client configuration for the baselines' servers (``ALPN``, localhost,
+    trusting the certificate at ``cert``)."""
+    from aioquic.quic.configuration import QuicConfiguration
+
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+    configuration.load_verify_locations(cert)
+    configuration.server_name = "localhost"
+    return configuration
 
 
 # --- certificates -----------------------------------------------------------------------

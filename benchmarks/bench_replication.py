@@ -23,6 +23,7 @@ import time
 from _common import (
     HOST,
     Peer,
+    aioquic_client_configuration,
     certificate_files,
     column,
     interleave,
@@ -31,6 +32,7 @@ from _common import (
     percentile,
     run_peer,
     say,
+    serve_aioquic,
     table,
     write_json,
 )
@@ -145,8 +147,6 @@ def aioquic_server(argv: list[str]) -> None:
     import asyncio
 
     from aioquic.asyncio.protocol import QuicConnectionProtocol
-    from aioquic.asyncio.server import serve
-    from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.events import QuicEvent, StreamDataReceived
 
     class Counter(QuicConnectionProtocol):
@@ -159,30 +159,19 @@ def aioquic_server(argv: list[str]) -> None:
                     count = b"%d" % (self.received // RECORD)
                     self._quic.send_stream_data(event.stream_id, count, end_stream=True)
 
-    async def main() -> None:
-        configuration = QuicConfiguration(is_client=False, alpn_protocols=["theta/1"])
-        configuration.load_cert_chain(argv[0], argv[1])
-        server = await serve(HOST, 0, configuration=configuration, create_protocol=Counter)
-        assert server._transport is not None  # no public accessor for the bound port
-        say("port", str(server._transport.get_extra_info("sockname")[1]))
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    asyncio.run(serve_aioquic(argv[0], argv[1], Counter))
 
 
 def aioquic_throughput(argv: list[str]) -> None:
     import asyncio
 
     from aioquic.asyncio.client import connect
-    from aioquic.quic.configuration import QuicConfiguration
 
     port, cert, count = int(argv[0]), argv[1], int(argv[2])
     record = struct.pack("!I", SIZE) + os.urandom(SIZE)
 
     async def main() -> None:
-        configuration = QuicConfiguration(is_client=True, alpn_protocols=["theta/1"])
-        configuration.load_verify_locations(cert)
-        configuration.server_name = "localhost"
+        configuration = aioquic_client_configuration(cert)
         async with connect(HOST, port, configuration=configuration) as protocol:
             cpu, started = time.process_time(), time.perf_counter()
             reader, writer = await protocol.create_stream()

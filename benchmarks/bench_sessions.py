@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 from _common import (
     HOST,
     Peer,
+    aioquic_client_configuration,
     certificate_files,
     column,
     cpu_seconds,
@@ -28,11 +30,11 @@ from _common import (
     percentile,
     run_peer,
     say,
+    serve_aioquic,
     table,
     write_json,
 )
 
-ALPN = "theta/1"
 WARMUP = 5
 
 
@@ -49,6 +51,16 @@ def _report(times: list[tuple[float, float]], total: float, cpu: float) -> None:
             "client_cpu_ms": cpu / len(times) * 1e3,
         },
     )
+
+
+async def _measure(one: Callable[[], Awaitable[tuple[float, float]]], count: int) -> None:
+    """Open and close ``WARMUP`` untimed sessions with ``one``, then ``count`` timed ones;
+    report them."""
+    for _ in range(WARMUP):
+        await one()
+    cpu, started = time.process_time(), time.perf_counter()
+    times = [await one() for _ in range(count)]
+    _report(times, time.perf_counter() - started, time.process_time() - cpu)
 
 
 # --- theta ------------------------------------------------------------------------------
@@ -85,43 +97,22 @@ def theta_client(argv: list[str]) -> None:
             established = time.perf_counter()
         return established - started, time.perf_counter() - established
 
-    async def main() -> None:
-        for _ in range(WARMUP):
-            await one()
-        cpu, started = time.process_time(), time.perf_counter()
-        times = [await one() for _ in range(count)]
-        _report(times, time.perf_counter() - started, time.process_time() - cpu)
-
-    trio.run(main)
+    trio.run(_measure, one, count)
 
 
 # --- aioquic asyncio --------------------------------------------------------------------
 
 
 def aioquic_server(argv: list[str]) -> None:
-    from aioquic.asyncio.server import serve
-    from aioquic.quic.configuration import QuicConfiguration
-
-    async def main() -> None:
-        configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-        configuration.load_cert_chain(argv[0], argv[1])
-        server = await serve(HOST, 0, configuration=configuration)
-        assert server._transport is not None  # no public accessor for the bound port
-        say("port", str(server._transport.get_extra_info("sockname")[1]))
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    asyncio.run(serve_aioquic(argv[0], argv[1]))
 
 
 def aioquic_client(argv: list[str]) -> None:
     from aioquic.asyncio.protocol import QuicConnectionProtocol
-    from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
     port, cert, count = int(argv[0]), argv[1], int(argv[2])
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
-    configuration.load_verify_locations(cert)
-    configuration.server_name = "localhost"
+    configuration = aioquic_client_configuration(cert)
 
     async def one() -> tuple[float, float]:
         # aioquic.asyncio.connect() waits out the closing period on exit: done by hand here.
@@ -142,14 +133,7 @@ def aioquic_client(argv: list[str]) -> None:
             transport.close()
         return established - started, time.perf_counter() - established
 
-    async def main() -> None:
-        for _ in range(WARMUP):
-            await one()
-        cpu, started = time.process_time(), time.perf_counter()
-        times = [await one() for _ in range(count)]
-        _report(times, time.perf_counter() - started, time.process_time() - cpu)
-
-    asyncio.run(main())
+    asyncio.run(_measure(one, count))
 
 
 ROLES = {

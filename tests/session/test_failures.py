@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -14,6 +15,40 @@ from theta._quic import ConnectionClosedByPeer, QuicConfig, open_quic_connection
 from theta.core import AssetChunk, ReplicationMessage
 
 from .helpers import certificate, client_config, echo, start_server, tasks_left_after
+
+
+async def session_end(
+    server: theta.Server,
+    provoke: Callable[[Session], Awaitable[object]] | None = None,
+    config: theta.ClientConfig | None = None,
+) -> SessionClosed:
+    """Connect to ``server`` (``config`` or the test client configuration), run ``provoke``
+    on the session, then wait for it to close; return how it closed (all within 5 s)."""
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, config or client_config()) as session:
+            if provoke is not None:
+                await provoke(session)
+            return await session.wait_closed()
+
+
+async def close_seen_by_server(
+    nursery: trio.Nursery, close: Callable[[Session], Awaitable[object]]
+) -> SessionClosed:
+    """Start a server that records how its session ends, connect, run ``close`` on the
+    session and leave it; return what the server's session saw (all within 5 s)."""
+    seen: list[SessionClosed] = []
+
+    async def handler(session: Session) -> None:
+        seen.append(await session.wait_closed())
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await close(session)
+        while not seen:
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.lowlevel.checkpoint()
+    return seen[0]
 
 
 async def test_handshake_timeout_for_a_silent_client(nursery: trio.Nursery) -> None:
@@ -76,34 +111,32 @@ async def test_authenticator_refusal_is_auth_failed(nursery: trio.Nursery) -> No
 async def test_heartbeat_timeout_closes_the_session(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo, heartbeat_interval=0.1, heartbeat_timeout=0.3)
     quiet = client_config(heartbeat_interval=60.0, heartbeat_timeout=120.0)  # one heartbeat
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, quiet) as session:
-            closed = await session.wait_closed()
+    closed = await session_end(server, config=quiet)
     assert closed.by_peer
     assert closed.code == ErrorCode.HEARTBEAT_TIMEOUT
 
 
 async def test_permission_denied_for_replication_without_the_role(nursery: trio.Nursery) -> None:
+    async def send_replication(session: Session) -> None:
+        assert session.role == Role.UPLOAD_ASSETS
+        with pytest.raises(PermissionError):
+            await session.replication.send(b"x", tick=1)  # refused locally
+        await session.replication._framed.send(ReplicationMessage(1, 0, b"x"))  # bypass
+
     server = await start_server(nursery, echo, default_role=Role.UPLOAD_ASSETS)
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-            assert session.role == Role.UPLOAD_ASSETS
-            with pytest.raises(PermissionError):
-                await session.replication.send(b"x", tick=1)  # refused locally
-            await session.replication._framed.send(ReplicationMessage(1, 0, b"x"))  # bypass
-            closed = await session.wait_closed()
+    closed = await session_end(server, send_replication)
     assert closed.by_peer
     assert closed.code == ErrorCode.PERMISSION_DENIED
 
 
 async def test_permission_denied_for_assets_without_the_role(nursery: trio.Nursery) -> None:
+    async def send_an_asset(session: Session) -> None:
+        with pytest.raises(PermissionError):
+            await session.assets.send("a", b"data")
+        await session.assets._framed.send(AssetChunk(1, 0, 1, "a", b"d"))
+
     server = await start_server(nursery, echo, default_role=Role.REPLICATE)
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-            with pytest.raises(PermissionError):
-                await session.assets.send("a", b"data")
-            await session.assets._framed.send(AssetChunk(1, 0, 1, "a", b"d"))
-            closed = await session.wait_closed()
+    closed = await session_end(server, send_an_asset)
     assert closed.code == ErrorCode.PERMISSION_DENIED
 
 
@@ -162,24 +195,16 @@ def _server_config() -> theta.ServerConfig:
 
 
 async def test_client_close_with_code_reaches_the_server(nursery: trio.Nursery) -> None:
-    seen: list[SessionClosed] = []
+    async def close_twice(session: Session) -> None:
+        await session.close(ErrorCode.GOING_AWAY, "level change")
+        await session.close()  # idempotent
+        with pytest.raises(SessionClosed):
+            await session.replication.send(b"late", tick=9)
 
-    async def handler(session: Session) -> None:
-        seen.append(await session.wait_closed())
-
-    server = await start_server(nursery, handler)
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-            await session.close(ErrorCode.GOING_AWAY, "level change")
-            await session.close()  # idempotent
-            with pytest.raises(SessionClosed):
-                await session.replication.send(b"late", tick=9)
-        while not seen:
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.lowlevel.checkpoint()
-    assert seen[0].by_peer
-    assert seen[0].code == ErrorCode.GOING_AWAY
-    assert seen[0].reason == "level change"
+    seen = await close_seen_by_server(nursery, close_twice)
+    assert seen.by_peer
+    assert seen.code == ErrorCode.GOING_AWAY
+    assert seen.reason == "level change"
 
 
 async def test_session_over_ipv6_loopback(nursery: trio.Nursery) -> None:
@@ -216,11 +241,11 @@ async def test_handler_failing_with_another_sessions_error_closes_its_own(
         await session.replication.receive()
         raise SessionClosed(ErrorCode.GOING_AWAY, "the other side left", by_peer=True)
 
+    async def say_hi(session: Session) -> None:
+        await session.replication.send(b"hi", tick=1)
+
     server = await start_server(nursery, relay)
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-            await session.replication.send(b"hi", tick=1)
-            closed = await session.wait_closed()
+    closed = await session_end(server, say_hi)
     assert closed.by_peer
     assert closed.code == ErrorCode.NO_ERROR
 
@@ -236,19 +261,12 @@ async def test_connection_refused_fails_fast() -> None:
 
 
 async def test_close_validates_its_code_and_bounds_its_reason(nursery: trio.Nursery) -> None:
-    seen: list[SessionClosed] = []
+    async def close_with_a_long_reason(session: Session) -> None:
+        with pytest.raises(ValueError, match="16-bit"):
+            await session.close(70000)
+        assert session.closed is None
+        await session.close(13, "ж" * 20000)
 
-    async def handler(session: Session) -> None:
-        seen.append(await session.wait_closed())
-
-    server = await start_server(nursery, handler)
-    with trio.fail_after(5):
-        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-            with pytest.raises(ValueError, match="16-bit"):
-                await session.close(70000)
-            assert session.closed is None
-            await session.close(13, "ж" * 20000)
-        while not seen:
-            await trio.testing.wait_all_tasks_blocked()
-    assert seen[0].code == 13
-    assert 0 < len(seen[0].reason.encode()) <= 1024
+    seen = await close_seen_by_server(nursery, close_with_a_long_reason)
+    assert seen.code == 13
+    assert 0 < len(seen.reason.encode()) <= 1024

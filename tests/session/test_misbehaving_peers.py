@@ -55,6 +55,16 @@ async def handshake(connection: QuicConnection) -> QuicStream:
     return control
 
 
+async def establish(connection: QuicConnection) -> tuple[QuicStream, QuicStream]:
+    """Handshake by hand, then open the replication and assets channels (in that order);
+    return the control and replication streams."""
+    control = await handshake(connection)
+    replication = await connection.open_stream()
+    await send(replication, ChannelOpen(Channel.REPLICATION))
+    await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
+    return control, replication
+
+
 async def closed_code(connection: QuicConnection) -> int:
     with trio.fail_after(5):
         await connection.terminated.wait()
@@ -65,9 +75,7 @@ async def closed_code(connection: QuicConnection) -> int:
 async def test_stream_beyond_three_during_the_handshake(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:
-        control = await handshake(connection)
-        for channel in (Channel.REPLICATION, Channel.ASSETS):
-            await send(await connection.open_stream(), ChannelOpen(channel))
+        control, _ = await establish(connection)
         await (await connection.open_stream()).send_all(b"\x00\x00")  # a fourth, unidentified
         assert control is not None
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
@@ -111,9 +119,7 @@ async def test_bad_first_frame(nursery: trio.Nursery, first: bytes, code: ErrorC
 async def test_replication_frame_on_the_control_stream(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:
-        control = await handshake(connection)
-        for channel in (Channel.REPLICATION, Channel.ASSETS):
-            await send(await connection.open_stream(), ChannelOpen(channel))
+        control, _ = await establish(connection)
         await send(control, ChannelOpen(Channel.REPLICATION))
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
 
@@ -121,10 +127,7 @@ async def test_replication_frame_on_the_control_stream(nursery: trio.Nursery) ->
 async def test_fin_inside_a_frame_on_the_replication_stream(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:
-        await handshake(connection)
-        replication = await connection.open_stream()
-        await send(replication, ChannelOpen(Channel.REPLICATION))
-        await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
+        _, replication = await establish(connection)
         await replication.send_all(b"\x00\x00\x00\x10\x01\x02")
         await replication.send_eof()
         assert await closed_code(connection) == ErrorCode.MALFORMED_FRAME
@@ -133,9 +136,7 @@ async def test_fin_inside_a_frame_on_the_replication_stream(nursery: trio.Nurser
 async def test_session_close_code_is_echoed_in_the_quic_close(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:
-        control = await handshake(connection)
-        for channel in (Channel.REPLICATION, Channel.ASSETS):
-            await send(await connection.open_stream(), ChannelOpen(channel))
+        control, _ = await establish(connection)
         await send(control, SessionClose(ErrorCode.GOING_AWAY, "level change"))
         assert await closed_code(connection) == ErrorCode.GOING_AWAY
 
@@ -146,9 +147,7 @@ async def test_no_heartbeat_after_the_peers_session_close(nursery: trio.Nursery)
 
     server = await start_server(nursery, forever)
     async with raw_connection(server.port) as connection:
-        control = await handshake(connection)
-        for channel in (Channel.REPLICATION, Channel.ASSETS):
-            await send(await connection.open_stream(), ChannelOpen(channel))
+        control, _ = await establish(connection)
         await send(control, SessionClose(13, "bye"))  # data streams left open: a 1 s drain
         decoder = FrameDecoder(Channel.CONTROL)
         heartbeats: list[int] = []
@@ -166,10 +165,7 @@ async def test_no_heartbeat_after_the_peers_session_close(nursery: trio.Nursery)
 async def test_peer_resetting_a_channel_is_a_violation(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:
-        await handshake(connection)
-        replication = await connection.open_stream()
-        await send(replication, ChannelOpen(Channel.REPLICATION))
-        await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
+        _, replication = await establish(connection)
         await replication.send_all(b"\x00\x00\x00\x20\x01")
         await replication.reset(5)
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
