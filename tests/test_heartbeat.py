@@ -342,32 +342,35 @@ def _peer_heartbeat(sequence: int, sent_at: float) -> Heartbeat:
 def test_following_the_peer_answers_each_heartbeat_at_once() -> None:
     tracker = HeartbeatTracker(now=0.0, interval=0.5, timeout=5.0, follow_peer=True)
     assert tracker.handle_timer(0.0) is not None  # the first one is due at construction
-    assert tracker.next_send_at == 0.625  # on its own: every 1.25 intervals
-    # The peer's first heartbeat 0.1 s after ours: too soon (under interval / 2) to answer.
+    assert tracker.next_send_at == 0.5  # sent on its own timer: every interval
+    # The peer's first heartbeat 0.1 s after ours: too soon (under interval / 2) to
+    # answer; ours moves to 1.25 intervals after it, so that the peer's next one comes first.
     tracker.receive(_peer_heartbeat(1, 0.1), 0.1)
     assert tracker.handle_timer(0.1) is None
-    assert tracker.next_send_at == 0.625
-    # Its next one, 0.6 s after ours, is answered at once and aligns the schedule ...
-    tracker.receive(_peer_heartbeat(2, 0.6), 0.6)
-    assert tracker.next_send_at == 0.6
-    answer = tracker.handle_timer(0.6)
+    assert tracker.next_send_at == pytest.approx(0.725)
+    # Its next one is answered at once: the schedules are aligned ...
+    tracker.receive(_peer_heartbeat(2, 0.61), 0.61)
+    assert tracker.next_send_at == 0.61
+    answer = tracker.handle_timer(0.61)
     assert answer is not None
     assert (answer.sequence, answer.echo_sequence, answer.echo_delay_us) == (2, 2, 0)
-    # ... so that the peer's later heartbeats always arrive before our own timer fires.
-    for sequence, now in ((3, 1.1), (4, 1.6), (5, 2.12), (6, 2.58)):
+    assert tracker.next_send_at == pytest.approx(0.61 + 0.625)  # margin after an answer
+    # ... and stay so although the peer's timer runs a little late each period.
+    for sequence, now in ((3, 1.12), (4, 1.64), (5, 2.17), (6, 2.69)):
         assert tracker.next_send_at > now
         tracker.receive(_peer_heartbeat(sequence, now), now)
         answer = tracker.handle_timer(now)
         assert answer is not None
         assert answer.echo_sequence == sequence
     # A peer sending too fast is answered at most every interval / 2.
-    tracker.receive(_peer_heartbeat(7, 2.7), 2.7)
-    assert tracker.handle_timer(2.7) is None
-    tracker.receive(_peer_heartbeat(8, 2.83), 2.83)
-    assert tracker.handle_timer(2.83) is not None
-    # A silent peer: ours keep going every 1.25 intervals until the timeout.
-    assert tracker.handle_timer(3.455) is not None
-    assert tracker.next_send_at == pytest.approx(4.08)
+    tracker.receive(_peer_heartbeat(7, 2.8), 2.8)
+    assert tracker.handle_timer(2.8) is None
+    tracker.receive(_peer_heartbeat(8, 2.95), 2.95)
+    assert tracker.handle_timer(2.95) is not None
+    # A silent peer: one gap of 1.25 intervals, then every interval until the timeout.
+    assert tracker.next_send_at == pytest.approx(3.575)
+    assert tracker.handle_timer(3.575) is not None
+    assert tracker.next_send_at == pytest.approx(4.075)
     assert tracker.metrics().heartbeats_sent == 8
 
 

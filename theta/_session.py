@@ -316,6 +316,11 @@ class Session:
         try:
             return await operation
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            if isinstance(error, ConnectionClosedByPeer) and self._closed is None:
+                # The session's tasks see the peer's close too and end the session as
+                # after a SessionClose (received data drained, handler grace): this send
+                # only reports it.
+                raise SessionClosed(error.code, error.reason, by_peer=True) from None
             if not isinstance(error, SessionClosed):
                 self._connection_lost(error)
             self._raise_closed()

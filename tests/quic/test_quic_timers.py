@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import trio
 import trio.testing
@@ -34,8 +35,9 @@ async def test_sleepers_wake_at_their_deadlines_in_order(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     queue, woken, start = running_queue(nursery)
+    sleepers = {name: Recorder(name, woken) for name in ("c", "a", "b", "a2")}  # kept alive
     for name, delay in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("a2", 1.0)):
-        queue.schedule(Recorder(name, woken), start + delay)
+        queue.schedule(sleepers[name], start + delay)
     await trio.sleep(5)
     assert woken == [("a", start + 1), ("a2", start + 1), ("b", start + 2), ("c", start + 3)]
 
@@ -62,9 +64,10 @@ async def test_a_new_earliest_deadline_wakes_the_queue_sooner(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     queue, woken, start = running_queue(nursery)
-    queue.schedule(Recorder("far", woken), start + 100)
+    far, near = Recorder("far", woken), Recorder("near", woken)
+    queue.schedule(far, start + 100)
     await trio.sleep(1)  # the queue's task now sleeps until +100
-    queue.schedule(Recorder("near", woken), start + 2)
+    queue.schedule(near, start + 2)
     await trio.sleep(2)
     assert woken == [("near", start + 2)]
 
@@ -76,3 +79,20 @@ async def test_stale_entries_are_pruned() -> None:
         for sleeper in sleepers:
             queue.schedule(sleeper, 10_000.0 - step)
     assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1
+
+
+async def test_a_cancelled_sleeper_is_neither_woken_nor_kept_alive(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    queue, woken, start = running_queue(nursery)
+    kept = Recorder("kept", woken)
+    queue.schedule(kept, start + 2)
+    finished = Recorder("finished", woken)
+    queue.schedule(finished, start + 1)
+    queue.cancel(finished)
+    assert finished.timer_queued == finished.timer_deadline == math.inf
+    reference = weakref.ref(finished)
+    del finished
+    assert reference() is None  # the queue's stale entry does not hold it
+    await trio.sleep(3)
+    assert woken == [("kept", start + 2)]

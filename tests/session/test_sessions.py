@@ -337,3 +337,39 @@ async def test_close_waits_only_for_application_data(
         await handled.wait()
     assert received == ([b"last words"] if send_first else [])
     assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
+
+
+async def test_sessions_left_at_once_still_reach_the_server(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The confirm, the channels and the close are written just before the QUIC close:
+    # the last flush must not leave any of them to the pacer (nothing is sent after it).
+    seen: list[SessionClosed] = []
+    all_seen = trio.Event()
+
+    async def handler(session: Session) -> None:
+        seen.append(await session.wait_closed())
+        if len(seen) == 3:
+            all_seen.set()
+
+    server = await start_server(nursery, handler)
+    for _ in range(3):
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            pass
+    with trio.fail_after(5):
+        await all_seen.wait()
+    assert [(closed.code, closed.by_peer) for closed in seen] == [(ErrorCode.NO_ERROR, True)] * 3
+
+
+async def test_server_keeps_its_interval_with_a_slower_client(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, Session.wait_closed)  # heartbeat interval 0.5 s
+    slow = client_config(heartbeat_interval=2.0, heartbeat_timeout=10.0)
+    async with theta.connect("127.0.0.1", server.port, slow) as session:
+        await trio.sleep(1.0)
+        before = session.diagnostics().heartbeats_received
+        await trio.sleep(20.0)
+        received = session.diagnostics().heartbeats_received - before
+    # Every 0.5 s, but for the one gap that re-aligns on each client heartbeat.
+    assert 36 <= received <= 41

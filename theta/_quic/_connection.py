@@ -171,7 +171,7 @@ class QuicConnection:
         if self.terminated.is_set() or self._closed_locally:
             return
         self._closed_locally = True
-        self._flush_nowait()  # once closing, the engine sends nothing else
+        self._flush_nowait(unpaced=True)  # once closing, the engine sends nothing else
         try:
             self._quic.close(error_code=code, reason_phrase=reason)
         except _engine.ENGINE_ERRORS as exc:
@@ -341,13 +341,17 @@ class QuicConnection:
         self._bytes_sent += sum(len(data) for data, _ in datagrams)
         await self._endpoint.send_datagrams(datagrams)
 
-    def _flush_nowait(self) -> None:
+    def _flush_nowait(self, *, unpaced: bool = False) -> None:
         now = trio.current_time()
+        quic = self._quic
         try:
             if self._written_since_transmit:
-                self._quic.ack_now(now)
+                quic.ack_now(now)
             self._written_since_transmit = 0
-            datagrams = self._quic.datagrams_to_send(now=now)
+            if unpaced:
+                datagrams = quic.datagrams_to_send_unpaced(now)
+            else:
+                datagrams = quic.datagrams_to_send(now=now)
         except _engine.ENGINE_ERRORS:
             return
         self._datagrams_sent += len(datagrams)
@@ -461,7 +465,7 @@ class QuicConnection:
         self._blocked_writers.clear()
         self._inbox.clear()
         self._acknowledged.set()
-        self._endpoint.timers.schedule(self, math.inf)
+        self._endpoint.timers.cancel(self)
         self._unpark()
         self._endpoint.remove_connection(self)
 

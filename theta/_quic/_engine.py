@@ -297,6 +297,18 @@ class EngineConnection(_AioquicConnection):
         if space is not None and space.ack_at is not None and space.ack_at > now:
             space.ack_at = now
 
+    def datagrams_to_send_unpaced(self, now: float) -> list[tuple[bytes, Any]]:
+        """``datagrams_to_send`` without the pacer's gaps (congestion control still
+        applies): for the last flush before a close, after which the engine sends nothing
+        but CONNECTION_CLOSE, so whatever the pacer held back would be lost."""
+        pacer = self._loss._pacer
+        packet_time = pacer.packet_time
+        pacer.packet_time = None
+        try:
+            return self.datagrams_to_send(now=now)
+        finally:
+            pacer.packet_time = packet_time
+
     # -- receive side --
 
     def stream_consumed(self, stream_id: int, total: int) -> bool:

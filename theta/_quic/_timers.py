@@ -13,13 +13,17 @@ here, which costs a heap push at most:
   deadline it wants by then), an earlier one supersedes it (the old entry is skipped when
   it comes up, and pruned once stale entries outnumber live ones);
 * one task sleeps until the earliest entry (one cancel scope per firing, however many
-  sleepers are due) and calls :meth:`Sleeper.timer_expired` on each due sleeper.
+  sleepers are due) and calls :meth:`Sleeper.timer_expired` on each due sleeper;
+* entries hold sleepers by weak reference, and :meth:`TimerQueue.cancel` makes a
+  sleeper's entry stale at once, so a finished connection is never kept alive by the
+  queue.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from heapq import heapify, heappop, heappush
 from typing import Protocol
 
@@ -46,25 +50,32 @@ class TimerQueue:
     """Deadlines of many sleepers, served by :meth:`run` (one task per endpoint)."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Sleeper]] = []
+        self._heap: list[tuple[float, int, weakref.ref[Sleeper]]] = []
         self._order = itertools.count()  # ties never compare sleepers
         self._live = 0  # sleepers with an entry
         self._scope: trio.CancelScope | None = None
 
     def schedule(self, sleeper: Sleeper, deadline: float) -> None:
         """Wake ``sleeper`` (through ``timer_expired``) at ``deadline`` or soon after;
-        replaces its previous deadline (``math.inf`` cancels)."""
+        replaces its previous deadline (``math.inf``: none). The queue holds sleepers by
+        weak reference: one nobody else keeps alive is dropped, unwoken."""
         sleeper.timer_deadline = deadline
         if deadline >= sleeper.timer_queued:
             return  # the earlier entry fires first and queues it again if still needed
         if sleeper.timer_queued == math.inf:
             self._live += 1
         sleeper.timer_queued = deadline
-        heappush(self._heap, (deadline, next(self._order), sleeper))
+        heappush(self._heap, (deadline, next(self._order), weakref.ref(sleeper)))
         if self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
         if len(self._heap) > 2 * self._live + _PRUNE_SLACK:
             self._prune()
+
+    def cancel(self, sleeper: Sleeper) -> None:
+        """Forget ``sleeper`` (a finished connection): its entry is stale from now on."""
+        if sleeper.timer_queued != math.inf:
+            self._live -= 1
+        sleeper.timer_queued = sleeper.timer_deadline = math.inf
 
     async def run(self) -> None:
         """Wake sleepers as their deadlines come, until cancelled."""
@@ -78,9 +89,10 @@ class TimerQueue:
     def _fire(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            queued_at, _, sleeper = heappop(heap)
-            if sleeper.timer_queued != queued_at:
-                continue  # superseded by an earlier entry
+            queued_at, _, ref = heappop(heap)
+            sleeper = ref()
+            if sleeper is None or sleeper.timer_queued != queued_at:
+                continue  # superseded by an earlier entry, or cancelled
             sleeper.timer_queued = math.inf
             self._live -= 1
             if sleeper.timer_deadline <= now:
@@ -89,5 +101,9 @@ class TimerQueue:
                 self.schedule(sleeper, sleeper.timer_deadline)
 
     def _prune(self) -> None:
-        self._heap = [entry for entry in self._heap if entry[2].timer_queued == entry[0]]
+        self._heap = [
+            entry
+            for entry in self._heap
+            if (sleeper := entry[2]()) is not None and sleeper.timer_queued == entry[0]
+        ]
         heapify(self._heap)

@@ -16,11 +16,16 @@ Sending
 
 Following the peer (``follow_peer=True``, what theta's server does)
     Each heartbeat received makes ours due at once, provided at least ``interval / 2`` has
-    passed since our previous send; without heartbeats from the peer ours go out every
-    ``interval * 1.25``. Our heartbeats then leave right after the peer's arrive, so the
-    QUIC packet carrying ours also acknowledges theirs (one datagram per period instead of
-    two), and the echo delay is near 0. The margin of ``interval / 4`` keeps our own timer
-    from racing the peer's next heartbeat once aligned.
+    passed since our previous send. Our heartbeats then leave right after the peer's
+    arrive, so the QUIC packet carrying ours also acknowledges theirs (one datagram per
+    period instead of two), and the echo delay is near 0. After such an answer the next
+    heartbeat is due ``interval * 1.25`` later unless the peer's comes first: the margin
+    keeps our timer from racing the peer's next heartbeat (whose timer runs a little late
+    each period). A peer heartbeat arriving too soon after ours moves our next one to
+    ``interval * 1.25`` after it, so that the following one is answered (this is how the
+    two schedules align, at the cost of one gap of at most ``interval * 1.5``). After a
+    heartbeat sent on our own timer the next is due ``interval`` later, as without
+    following: a silent peer costs one gap of ``interval * 1.25``.
 
 Receiving
     :meth:`~HeartbeatTracker.receive` rejects a sequence that does not strictly increase
@@ -153,8 +158,7 @@ class HeartbeatTracker:
         self._interval = interval
         self._timeout = timeout
         self._follow_peer = follow_peer
-        # Between two sends: ``interval``, or up to a quarter more while following the peer.
-        self._send_period = interval * 1.25 if follow_peer else interval
+        self._answering = False  # following: the next send answers the peer's heartbeat
         self._last_sent_at = -math.inf
         self._next_send_at = now
         self._deadline = now + timeout
@@ -219,7 +223,7 @@ class HeartbeatTracker:
 
     def build(self, now: float) -> Heartbeat:
         """Make the next heartbeat to send at ``now``, count it as sent and schedule the
-        next one at ``now + interval`` (``interval * 1.25`` when following the peer)."""
+        next one at ``now + interval`` (``interval * 1.25`` after answering the peer's)."""
         now_us = _to_us(now)
         # Held since its receipt; 0 (with the other echo fields) while nothing was received.
         echo_delay_us = max(0, now_us - self._peer_received_at_us) if self._peer_sequence else 0
@@ -240,7 +244,8 @@ class HeartbeatTracker:
         self._next_sequence += 1
         self._sent += 1
         self._last_sent_at = now
-        self._next_send_at = now + self._send_period
+        self._next_send_at = now + self._interval * (1.25 if self._answering else 1.0)
+        self._answering = False
         return heartbeat
 
     def receive(self, heartbeat: Heartbeat, now: float) -> None:
@@ -250,7 +255,8 @@ class HeartbeatTracker:
         above the previous one's, or is 0 for the first. Otherwise records it for echoing,
         moves :attr:`deadline` to ``now + timeout`` and, when it echoes one of ours, takes
         an RTT sample. When following the peer, ours becomes due at ``now`` if at least
-        ``interval / 2`` has passed since our last send.
+        ``interval / 2`` has passed since our last send, and otherwise not before
+        ``now + interval * 1.25``.
         """
         if heartbeat.sequence <= self._peer_sequence:
             if self._peer_sequence:
@@ -267,8 +273,12 @@ class HeartbeatTracker:
         self._peer_jitter_us = heartbeat.jitter_us
         self._received += 1
         self._deadline = now + self._timeout
-        if self._follow_peer and now - self._last_sent_at >= self._interval / 2:
-            self._next_send_at = min(self._next_send_at, now)
+        if self._follow_peer:
+            if now - self._last_sent_at >= self._interval / 2:
+                self._next_send_at = min(self._next_send_at, now)
+                self._answering = True
+            else:  # too soon after ours: move ours to answer the peer's next one
+                self._next_send_at = max(self._next_send_at, now + self._interval * 1.25)
         if heartbeat.echo_sequence != 0:
             rtt = now_us - heartbeat.echo_sent_at_us - heartbeat.echo_delay_us
             self._add_sample(max(0, rtt))
