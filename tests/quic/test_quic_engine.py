@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+from aioquic.tls import Group
 
 from theta._quic import _engine
 
@@ -177,3 +178,13 @@ def test_peer_close_is_visible_before_the_draining_period_ends() -> None:
     assert event is not None
     assert (event.error_code, event.reason_phrase) == (42, "bye")
     assert pair.server.peer_close() is None  # the closing side is not draining
+
+
+def test_client_offers_two_key_shares_only() -> None:
+    pair = Pair()
+    groups = pair.client.tls._supported_groups
+    assert groups == [Group.SECP256R1, Group.X25519]
+    assert pair.client.tls._x448_private_key is None  # no key generated for other groups
+    assert len(pair.client.tls._ec_private_keys) == 1  # P-256 only
+    pair.shuttle(4)
+    assert pair.client.is_handshake_complete
