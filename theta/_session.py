@@ -208,7 +208,8 @@ class Session:
         """End the session: ``SessionClose{code, reason}`` to the peer, FIN on every
         stream, then the QUIC close with the same code. What the application sent on the
         replication and assets channels is acknowledged by the peer before the QUIC close
-        (for at most a second); with nothing to wait for, the close is immediate.
+        (for at most a second), and so is the ``SessionClose`` once the connection has
+        had to retransmit; with nothing to wait for, the close is immediate.
         Idempotent; returns once the session's tasks are stopping.
 
         ``code`` is a wire error code (0..65535); ``reason`` is cut to 1 KiB of UTF-8.
@@ -226,16 +227,21 @@ class Session:
                         await self._control.send_eof()
                         await self.replication._finish_quietly()
                         await self.assets._finish_quietly()
-                        # The peer's QUIC stack has what was sent once it acknowledged it;
-                        # the SessionClose itself needs no wait (the QUIC close repeats its
-                        # code), nor do channels that carried no application data.
-                        carried = [
+                        # The peer's QUIC stack has what was sent once it acknowledged it.
+                        # Channels that carried no application data need no wait, nor does
+                        # the SessionClose on a clean path (the QUIC close repeats its code);
+                        # on a path that has needed retransmissions it is waited for too,
+                        # lest the whole closing flight be lost and the peer only time out.
+                        awaited = [
                             channel._framed.stream
                             for channel in (self.replication, self.assets)
                             if channel._carried_data
                         ]
-                        if carried:
-                            await self._connection.wait_acknowledged(carried)
+                        engine = self._connection.stats().engine
+                        if engine.lost_packets or engine.probe_timeouts:
+                            awaited.append(self._control.stream)
+                        if awaited:
+                            await self._connection.wait_acknowledged(awaited)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             finally:

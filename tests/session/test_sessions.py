@@ -373,3 +373,43 @@ async def test_server_keeps_its_interval_with_a_slower_client(
         received = session.diagnostics().heartbeats_received - before
     # Every 0.5 s, but for the one gap that re-aligns on each client heartbeat.
     assert 36 <= received <= 41
+
+
+async def test_close_on_a_lossy_path_waits_for_its_session_close(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    seen: list[SessionClosed] = []
+    handled = trio.Event()
+
+    async def handler(session: Session) -> None:
+        seen.append(await session.wait_closed())
+        handled.set()
+
+    drops = {"heartbeat": 0, "any": 0}
+
+    def drop(datagram: bytes) -> bool:  # client to server
+        if drops["heartbeat"] and len(datagram) > 60:  # not an ACK-only datagram
+            drops["heartbeat"] -= 1
+            return True
+        if drops["any"]:
+            drops["any"] -= 1
+            return True
+        return False
+
+    server = await start_server(nursery, handler)
+    link = LinkConditioner(
+        server.address,
+        LinkConditionerConfig(delay=0.01, drop=drop),
+        LinkConditionerConfig(delay=0.01),
+    )
+    await nursery.start(link.run)
+    async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+        drops["heartbeat"] = 1  # the path loses one heartbeat (QUIC repairs it)
+        await trio.sleep(2.0)
+        engine = session._connection.stats().engine
+        assert engine.lost_packets + engine.probe_timeouts > 0
+        drops["any"] = 2  # ... and then the whole closing flight
+        await session.close(ErrorCode.GOING_AWAY, "bye")
+    with trio.fail_after(3):  # well before the server's 5 s heartbeat timeout
+        await handled.wait()
+    assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
