@@ -191,7 +191,11 @@ async def read_commands() -> AsyncIterator[str]:
 
 
 async def serve_aioquic(
-    cert: str, key: str, create_protocol: type[QuicConnectionProtocol] | None = None
+    cert: str,
+    key: str,
+    create_protocol: type[QuicConnectionProtocol] | None = None,
+    *,
+    max_datagram_size: int | None = None,
 ) -> None:
     """(in an asyncio peer) Serve aioquic on ``HOST`` with ``create_protocol`` (aioquic's
     default if ``None``), say the bound port and run until terminated."""
@@ -202,6 +206,8 @@ async def serve_aioquic(
     from aioquic.quic.configuration import QuicConfiguration
 
     configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    if max_datagram_size is not None:
+        configuration.max_datagram_size = max_datagram_size
     configuration.load_cert_chain(cert, key)
     server = await serve(
         HOST,
@@ -214,12 +220,16 @@ async def serve_aioquic(
     await asyncio.Event().wait()
 
 
-def aioquic_client_configuration(cert: str) -> QuicConfiguration:
+def aioquic_client_configuration(
+    cert: str, *, max_datagram_size: int | None = None
+) -> QuicConfiguration:
     """An aioquic client configuration for the baselines' servers (``ALPN``, localhost,
     trusting the certificate at ``cert``)."""
     from aioquic.quic.configuration import QuicConfiguration
 
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+    if max_datagram_size is not None:
+        configuration.max_datagram_size = max_datagram_size
     configuration.load_verify_locations(cert)
     configuration.server_name = "localhost"
     return configuration

@@ -24,6 +24,7 @@ from _common import (
     HOST,
     PeakRss,
     Peer,
+    aioquic_client_configuration,
     certificate_files,
     column,
     interleave,
@@ -32,6 +33,7 @@ from _common import (
     parser,
     run_peer,
     say,
+    serve_aioquic,
     table,
     udp_drops,
     write_json,
@@ -39,7 +41,6 @@ from _common import (
 
 CHUNK = 64 * 1024
 DATAGRAMS = (1200, 8000)
-ALPN = "theta/1"
 
 
 def _pieces(size: int) -> tuple[bytes, int]:
@@ -115,8 +116,6 @@ def theta_send(argv: list[str]) -> None:
 
 def aioquic_sink(argv: list[str]) -> None:
     from aioquic.asyncio.protocol import QuicConnectionProtocol
-    from aioquic.asyncio.server import serve
-    from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.events import QuicEvent, StreamDataReceived
 
     cert, key, datagram = argv[0], argv[1], int(argv[2])
@@ -131,32 +130,17 @@ def aioquic_sink(argv: list[str]) -> None:
                     reply = b"%d" % self.received
                     self._quic.send_stream_data(event.stream_id, reply, end_stream=True)
 
-    async def main() -> None:
-        configuration = QuicConfiguration(
-            is_client=False, alpn_protocols=[ALPN], max_datagram_size=datagram
-        )
-        configuration.load_cert_chain(cert, key)
-        server = await serve(HOST, 0, configuration=configuration, create_protocol=Sink)
-        assert server._transport is not None  # no public accessor for the bound port
-        say("port", str(server._transport.get_extra_info("sockname")[1]))
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    asyncio.run(serve_aioquic(cert, key, Sink, max_datagram_size=datagram))
 
 
 def aioquic_send(argv: list[str]) -> None:
     from aioquic.asyncio.client import connect
-    from aioquic.quic.configuration import QuicConfiguration
 
     port, cert, datagram, size = int(argv[0]), argv[1], int(argv[2]), int(argv[3])
     piece, count = _pieces(size)
 
     async def main() -> None:
-        configuration = QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN], max_datagram_size=datagram
-        )
-        configuration.load_verify_locations(cert)
-        configuration.server_name = "localhost"
+        configuration = aioquic_client_configuration(cert, max_datagram_size=datagram)
         async with connect(HOST, port, configuration=configuration) as protocol:
             rss, started = PeakRss(), time.perf_counter()
             reader, writer = await protocol.create_stream()
