@@ -261,7 +261,7 @@ class QuicConnection:
                 if self.terminated.is_set():
                     return
                 if delivered:
-                    await self._await_answers()
+                    await self._let_writers_write(_ANSWER_PASSES)
                     if self.terminated.is_set():
                         return
                 if (peer_close := quic.peer_close()) is not None:
@@ -299,42 +299,29 @@ class QuicConnection:
                 await trio.lowlevel.checkpoint()
             else:
                 await self._park(deadline)
-            await self._coalesce_writes()
+            await self._let_writers_write(
+                _COALESCE_IDLE_PASSES if self._written_since_transmit else 0
+            )
             self._wake_pending = False
 
-    async def _await_answers(self) -> None:
-        """Stream data (or the handshake's completion) was just handed to the application:
-        give it a few scheduler passes to answer before transmitting, so that an immediate
-        reply (a heartbeat, an echo, a handshake message) leaves in this round's datagram
-        together with the ACK of what was received, instead of a round of its own. Ends
-        after ``_ANSWER_PASSES`` passes without a write, or a few passes after the last
-        write (the writer may have more)."""
+    async def _let_writers_write(self, patience: int) -> None:
+        """Yield scheduler passes while application tasks keep writing, so that their
+        writes share this round's datagrams (and its ACK) instead of rounds of their own.
+        Stops once ``patience`` passes went by without a new write (``_COALESCE_IDLE_PASSES``
+        once something was written: a write takes a few passes), after ``_COALESCE_PASSES``
+        passes, once ``_COALESCE_BYTES`` wait, or when a datagram arrives. Called with
+        ``_ANSWER_PASSES`` after data reached the application (an immediate reply then
+        joins the ACK of what it answers), and to finish a burst of writes."""
         written = self._written_since_transmit
         idle = 0
-        patience = _ANSWER_PASSES
-        while idle < patience and written < _COALESCE_BYTES and not self._inbox:
+        for _ in range(_COALESCE_PASSES):
+            if idle >= patience or written >= _COALESCE_BYTES or self._inbox:
+                return
             await trio.lowlevel.checkpoint()
             if self._written_since_transmit == written:
                 idle += 1
             else:
                 written, idle, patience = self._written_since_transmit, 0, _COALESCE_IDLE_PASSES
-
-    async def _coalesce_writes(self) -> None:
-        """While application tasks keep writing, let them finish before transmitting, so
-        that small writes share datagrams: yield one scheduler pass at a time while new
-        stream data keeps arriving (and nothing was received), at most a few passes and
-        ``_COALESCE_BYTES`` waiting. A lone write costs one pass (microseconds)."""
-        idle = 0
-        for _ in range(_COALESCE_PASSES):
-            if self._inbox or self._written_since_transmit == 0:
-                return
-            if self._written_since_transmit >= _COALESCE_BYTES:
-                return
-            written = self._written_since_transmit
-            await trio.lowlevel.checkpoint()
-            idle = idle + 1 if self._written_since_transmit == written else 0
-            if idle == _COALESCE_IDLE_PASSES:  # a write takes a few passes (lock, send)
-                return
 
     async def _send(self, datagrams: list[tuple[bytes, Address]]) -> None:
         self._datagrams_sent += len(datagrams)
