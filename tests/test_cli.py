@@ -131,26 +131,23 @@ def test_echo_client_writes_tls_key_log(
     assert "CLIENT_HANDSHAKE_TRAFFIC_SECRET" in key_log.read_text()
 
 
-def test_schema_mismatch_exits_3_with_one_line(
-    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
+@pytest.mark.parametrize(
+    "case",
+    [
+        ('{"Position": "x:f32,y:f32"}', 3, "SCHEMA_MISMATCH"),  # the server's schema differs
+        ('["not", "an", "object"]', 2, "--manifest"),  # a usage error
+    ],
+)
+def test_manifest_problems_exit_with_one_line(
+    certificate: tuple[Path, Path], server_port: str, tmp_path: Path, case: tuple[str, int, str]
 ) -> None:
+    manifest_text, returncode, said = case
     manifest = tmp_path / "manifest.json"
-    manifest.write_text('{"Position": "x:f32,y:f32"}')
+    manifest.write_text(manifest_text)
     result = echo_client(certificate, server_port, "--manifest", str(manifest))
-    assert result.returncode == 3
+    assert result.returncode == returncode
     assert len(result.stderr.splitlines()) == 1
-    assert "SCHEMA_MISMATCH" in result.stderr
-
-
-def test_invalid_manifest_is_a_usage_error(
-    certificate: tuple[Path, Path], server_port: str, tmp_path: Path
-) -> None:
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text('["not", "an", "object"]')
-    result = echo_client(certificate, server_port, "--manifest", str(manifest))
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1
-    assert "--manifest" in result.stderr
+    assert said in result.stderr
 
 
 def test_wrong_ca_fails_with_one_line(
