@@ -44,6 +44,7 @@ from theta.core._handshake import (
     negotiate_capabilities,
     server_signature_message,
 )
+from theta.core._transcript import _jacobi
 
 # --- spec section 7 handshake vector -------------------------------------------------------
 
@@ -853,6 +854,15 @@ def test_point_validation_matches_rfc8032_procedure() -> None:
     verdicts = [is_valid_ed25519_public_key(s) for s in samples]
     assert verdicts == [_rfc8032_decodes(s) for s in samples]
     assert 100 < sum(verdicts) < 250  # about half of random encodings are points
+
+
+@pytest.mark.parametrize("prime", [3, 5, 7, 11, 13, 10007, 2**127 - 1, 2**255 - 19])
+def test_jacobi_symbol_matches_eulers_criterion(prime: int) -> None:
+    rng = random.Random(prime)
+    values = [0, 1, 2, prime - 1, prime, prime + 2] + [rng.randrange(3 * prime) for _ in range(200)]
+    for a in values:
+        euler = pow(a, (prime - 1) // 2, prime)
+        assert _jacobi(a, prime) == (-1 if euler == prime - 1 else euler), a
 
 
 def test_generated_public_keys_are_valid_points() -> None:

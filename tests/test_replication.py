@@ -77,6 +77,13 @@ def test_min_size_and_level() -> None:
     assert compress_replication(1, COMPRESSIBLE, level=19).flags == FLAG_ZSTD
 
 
+def test_sender_checks_the_level_up_front() -> None:
+    with pytest.raises(ValueError, match="at most 22"):
+        ReplicationSender(zstd_negotiated=True, level=23)
+    sender = ReplicationSender(zstd_negotiated=True, level=19)
+    assert sender.message(1, COMPRESSIBLE) == compress_replication(1, COMPRESSIBLE, level=19)
+
+
 def test_sender_without_zstd_never_compresses() -> None:
     sender = ReplicationSender(zstd_negotiated=False)
     assert sender.message(3, COMPRESSIBLE) == ReplicationMessage(3, 0, COMPRESSIBLE, 0)

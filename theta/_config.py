@@ -39,7 +39,9 @@ class _SessionConfig:
     capabilities: tuple[int, ...] = (CAP_ZSTD,)
     """Client: capabilities requested, in order. Server: capabilities supported."""
     signing_key: Ed25519PrivateKey | None = None
-    """This side's Ed25519 identity; a fresh key per session when ``None``."""
+    """This side's Ed25519 identity. When ``None``: a client uses a fresh key per
+    session; a server generates one key when :func:`theta.serve` starts and signs every
+    session of that server with it."""
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theta._config import ServerConfig
 from theta._framed import FramedStream
@@ -88,11 +89,12 @@ async def serve(
     """
     sessions: set[Session] = set()
     handshaking: set[QuicConnection] = set()
+    signing_key = config.signing_key or Ed25519PrivateKey.generate()
 
     async def on_connection(connection: QuicConnection) -> None:
         handshaking.add(connection)
         try:
-            session = await _accept(connection, config)
+            session = await _accept(connection, config, signing_key)
         finally:
             handshaking.discard(connection)
         if session is None:
@@ -134,7 +136,9 @@ async def serve(
                 transport_scope.cancel()
 
 
-async def _accept(connection: QuicConnection, config: ServerConfig) -> Session | None:
+async def _accept(
+    connection: QuicConnection, config: ServerConfig, signing_key: Ed25519PrivateKey
+) -> Session | None:
     """Run the server side of the handshake; the session, or ``None`` once refused.
 
     The handshake deadline runs from the moment the QUIC connection was accepted (spec
@@ -144,7 +148,7 @@ async def _accept(connection: QuicConnection, config: ServerConfig) -> Session |
     machine = ServerHandshake(
         schema_hash=config.schema_hash,
         capabilities=config.capabilities,
-        signing_key=config.signing_key,
+        signing_key=signing_key,
         authenticator=config.authenticator,
         default_role=config.default_role,
         peer_address=(str(connection.remote_address[0]), int(connection.remote_address[1])),

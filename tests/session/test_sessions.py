@@ -116,6 +116,24 @@ async def test_handshake_exchanges_public_keys(nursery: trio.Nursery) -> None:
             assert peer.peer_address[1] != server.port
 
 
+async def test_one_server_key_per_server_and_a_fresh_client_key_per_session(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo)
+    seen: list[tuple[bytes, bytes]] = []
+    with trio.fail_after(5):
+        for _ in range(2):
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                seen.append((session.public_key, session.peer_public_key))
+    (first_client, first_server), (second_client, second_server) = seen
+    assert first_server == second_server
+    assert first_client != second_client
+    other = await start_server(nursery, echo)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", other.port, client_config()) as session:
+            assert session.peer_public_key != first_server
+
+
 async def test_multiple_clients_receive_heartbeats_independently(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     session_ids = set()

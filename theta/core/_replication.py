@@ -144,7 +144,10 @@ class ReplicationSender:
         self.zstd_negotiated = zstd_negotiated
         self.min_size = min_size
         self.max_payload = max_payload
-        self._compressor = zstandard.ZstdCompressor(level=level) if zstd_negotiated else None
+        if level > zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"zstd level must be at most {zstandard.MAX_COMPRESSION_LEVEL}")
+        self._level = level
+        self._compressor: zstandard.ZstdCompressor | None = None  # made when first needed
         self._stats = ReplicationStats()
 
     @property
@@ -160,9 +163,11 @@ class ReplicationSender:
                 f"replication payload of {len(payload)} bytes exceeds the"
                 f" {self.max_payload}-byte limit"
             )
-        if self._compressor is None:
+        if not self.zstd_negotiated or len(payload) < self.min_size:
             message = ReplicationMessage(tick, 0, payload)
         else:
+            if self._compressor is None:
+                self._compressor = zstandard.ZstdCompressor(level=self._level)
             message = _compress(self._compressor, tick, payload, self.min_size)
         self._stats = self._stats._add(message, len(payload))
         return message
@@ -183,7 +188,7 @@ class ReplicationReceiver:
             raise ValueError(f"max_payload must be >= 0, not {max_payload}")
         self.zstd_negotiated = zstd_negotiated
         self.max_payload = max_payload
-        self._decompressor = zstandard.ZstdDecompressor(max_window_size=_window_limit(max_payload))
+        self._decompressor: zstandard.ZstdDecompressor | None = None  # made when first needed
         self._stats = ReplicationStats()
 
     @property
@@ -218,6 +223,10 @@ class ReplicationReceiver:
             declared = zstandard.frame_content_size(data)
             if declared > size:
                 raise MalformedFrame(f"{where}: zstd frame declares {declared} bytes, not {size}")
+            if self._decompressor is None:
+                self._decompressor = zstandard.ZstdDecompressor(
+                    max_window_size=_window_limit(self.max_payload)
+                )
             with self._decompressor.stream_reader(data, read_across_frames=True) as reader:
                 while produced <= size:
                     piece = reader.read(size + 1 - produced)
