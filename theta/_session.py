@@ -1,9 +1,9 @@
 """An established Theta session: one nursery owning every task of the session.
 
 Theory of operation: :meth:`Session.run` opens the session's nursery and starts the
-control reader (heartbeats and ``SessionClose`` in), the heartbeat sender (heartbeats out
-and the heartbeat-timeout deadline; woken by its timer, or by the reader when a server
-answers the client's heartbeat), the replication and asset readers, and a watcher that
+control reader (heartbeats and ``SessionClose`` in; a server's reader also answers the
+client's heartbeats), the heartbeat sender (heartbeats out when its timer says so, and the
+heartbeat-timeout deadline), the replication and asset readers, and a watcher that
 treats any further stream as a protocol violation. Background tasks never raise: a
 protocol error, a heartbeat timeout or the peer's close is recorded once as the session's
 :class:`SessionClosed`, the QUIC connection is closed with the matching code, and the
@@ -106,7 +106,9 @@ class Session:
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
-        self._heartbeat_due = trio.lowlevel.ParkingLot()  # the reader: due now
+        # The heartbeat sender sleeps in this scope until its timer; the reader moves the
+        # deadline when it has sent a heartbeat itself.
+        self._sender_wait = trio.CancelScope()
         self._cancel_scope = trio.CancelScope()  # everything, the handler included
         self._tasks_scope = trio.CancelScope()  # the protocol tasks only
         self.replication = ReplicationChannel(self, replication, config)
@@ -407,8 +409,11 @@ class Session:
             if isinstance(message, Heartbeat):
                 heartbeats.check_timeout(now)
                 heartbeats.receive(message, now)
-                if heartbeats.next_send_at <= now:  # a server answers the client's at once
-                    self._heartbeat_due.unpark_all()
+                if heartbeats.next_send_at <= now and self._closed is None:
+                    # A server answers the client's heartbeat at once, from this task (it
+                    # then joins the ACK of the client's); the sender sleeps on.
+                    await self._control.send(heartbeats.build(now))
+                    self._sender_wait.deadline = heartbeats.get_timer()
             elif isinstance(message, SessionClose):
                 await self._peer_closed(message.code, message.reason)
                 return
@@ -426,8 +431,10 @@ class Session:
             now = trio.current_time()
             heartbeats.check_timeout(now)
             if now < heartbeats.next_send_at:
-                with trio.move_on_at(heartbeats.get_timer()):
-                    await self._heartbeat_due.park()
+                with self._sender_wait:
+                    self._sender_wait.deadline = heartbeats.get_timer()
+                    await trio.sleep_forever()
+                self._sender_wait = trio.CancelScope()
                 continue
             if self._closed is not None:
                 return  # closing: "stops sending" (spec 4.6)
