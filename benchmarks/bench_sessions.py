@@ -1,6 +1,8 @@
 """Session establishment: sequential full theta sessions (QUIC + TLS + signed handshake +
 channels, then closed without waiting out the closing period) vs aioquic's bare QUIC
-connects (asyncio API: connect + handshake + close without waiting).
+connects (asyncio API: connect + handshake + close without waiting). A third variant,
+theta's own QUIC layer alone (same connect + handshake + close, no session), separates
+what the QUIC driver costs from what the session layer adds.
 
 Client and server are separate processes on 127.0.0.1, fresh per trial (a few untimed
 warm-up connections first); trials are interleaved. Latency is connect → established;
@@ -100,6 +102,43 @@ def theta_client(argv: list[str]) -> None:
     trio.run(_measure, one, count)
 
 
+# --- theta's QUIC layer alone ------------------------------------------------------------
+
+
+def quic_server(argv: list[str]) -> None:
+    import trio
+
+    from theta._quic import QuicConfig, QuicConnection, serve_quic
+
+    async def handler(connection: QuicConnection) -> None:
+        await connection.terminated.wait()
+
+    async def main() -> None:
+        config = QuicConfig(certificate=argv[0], private_key=argv[1])
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_quic, handler, HOST, 0, config)
+            say("port", str(server.port))
+
+    trio.run(main)
+
+
+def quic_client(argv: list[str]) -> None:
+    import trio
+
+    from theta._quic import QuicConfig, open_quic_connection
+
+    port, cert, count = int(argv[0]), argv[1], int(argv[2])
+    config = QuicConfig(ca_certs=cert, server_name="localhost")
+
+    async def one() -> tuple[float, float]:
+        started = time.perf_counter()
+        async with open_quic_connection(HOST, port, config):
+            established = time.perf_counter()
+        return established - started, time.perf_counter() - established
+
+    trio.run(_measure, one, count)
+
+
 # --- aioquic asyncio --------------------------------------------------------------------
 
 
@@ -139,6 +178,8 @@ def aioquic_client(argv: list[str]) -> None:
 ROLES = {
     "theta-server": theta_server,
     "theta-client": theta_client,
+    "quic-server": quic_server,
+    "quic-client": quic_client,
     "aioquic-server": aioquic_server,
     "aioquic-client": aioquic_client,
 }
@@ -162,11 +203,15 @@ def main() -> None:
                 used = cpu_seconds(server.pid) - cpu
             return outcome | {"server_cpu_ms": used / (count + WARMUP) * 1e3}
 
-        outcomes = interleave(["theta", "aioquic"], args.runs, trial)
+        outcomes = interleave(["theta", "quic", "aioquic"], args.runs, trial)
 
     base = column(outcomes["aioquic"], "per_s").median
     rows = []
-    for name, label in (("theta", "theta full sessions"), ("aioquic", "aioquic bare connects")):
+    for name, label in (
+        ("theta", "theta full sessions"),
+        ("quic", "theta's QUIC layer, bare connects"),
+        ("aioquic", "aioquic bare connects"),
+    ):
         rate = column(outcomes[name], "per_s")
         target = "—"
         if name == "theta":
