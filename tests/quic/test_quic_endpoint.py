@@ -6,7 +6,7 @@ import errno
 import random
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 import trio
 import trio.lowlevel
@@ -167,3 +167,41 @@ async def test_receive_errors_do_not_stop_the_endpoint() -> None:
             nursery.cancel_scope.cancel()
     endpoint.close()
     assert endpoint.receive_errors == 1
+
+
+class _FailingSendSocket(socket.socket):
+    """A UDP socket whose sends fail with the errors queued in ``failures``."""
+
+    failures: list[OSError]
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if self.failures:
+            raise self.failures.pop(0)
+        return len(data)
+
+
+class _UnreachableCounter:
+    unreachable = 0
+
+    def peer_unreachable(self) -> None:
+        self.unreachable += 1
+
+
+async def test_icmp_errors_reported_by_a_send_reach_the_client_connection() -> None:
+    sock = _FailingSendSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.failures = [
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        OSError(errno.EMSGSIZE, "Message too long"),  # not about the peer: ignored
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+    ]
+    sock.bind(("127.0.0.1", 0))
+    endpoint = UdpEndpoint(sock)
+    client = _UnreachableCounter()
+    endpoint.add_client_connection(cast(QuicConnection, client))
+    peer = ("127.0.0.1", 9)
+    await endpoint.send_datagrams([(b"first", peer), (b"second", peer)])
+    assert client.unreachable == 1
+    endpoint.send_datagrams_nowait([(b"third", peer)])
+    assert client.unreachable == 2
+    assert not sock.failures
+    endpoint.close()

@@ -141,6 +141,7 @@ class UdpEndpoint:
                     continue
                 except OSError as exc:
                     logger.debug("UDP send to %r failed: %r", addr, exc)
+                    self._socket_error(exc)
                 break
 
     def send_datagrams_nowait(self, datagrams: list[tuple[bytes, Address]]) -> None:
@@ -148,8 +149,15 @@ class UdpEndpoint:
         for data, addr in datagrams:
             try:
                 self.socket.sendto(data, addr)
-            except OSError:
+            except OSError as exc:
+                self._socket_error(exc)
                 return
+
+    def _socket_error(self, exc: OSError) -> None:
+        """An ICMP error (port or host unreachable) is reported by whichever socket call
+        comes next, a send as well as a receive: tell a client's connection."""
+        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH) and self._client is not None:
+            self._client.peer_unreachable()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -174,8 +182,7 @@ class UdpEndpoint:
                     self.receive_errors += 1
                     if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
                         logger.debug("UDP receive error: %r", exc)
-                    elif self._client is not None:  # only a connected client socket sees these
-                        self._client.peer_unreachable()
+                    self._socket_error(exc)  # only a connected client socket sees ICMP
                     continue
                 connection = self._route(data, addr)
                 if connection is None or not connection.deliver(data, addr):
