@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -17,7 +16,6 @@ from theta._quic import (
     QuicConnection,
     QuicConnectionError,
     QuicServer,
-    QuicStream,
     StreamResetError,
     StreamStoppedError,
     serve_quic,
@@ -156,7 +154,7 @@ async def _accept(
         timeout=config.handshake_timeout,
     )
     try:
-        with trio.move_on_at(now + config.handshake_timeout), single_error():
+        with trio.move_on_at(now + config.handshake_timeout):
             return await _handshake(connection, config, machine)
         connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")
     except Exception as error:
@@ -174,12 +172,6 @@ async def _accept(
 
 def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
     """The code to close a failed handshake with (``None``: the connection is gone)."""
-    if isinstance(error, BaseExceptionGroup):  # several tasks failed at once: the first wins
-        for inner in error.exceptions:
-            code, reason = _close_code_for(inner)
-            if code is not ErrorCode.INTERNAL_ERROR:
-                return code, reason
-        return ErrorCode.INTERNAL_ERROR, "internal error"
     if isinstance(error, ProtocolError):
         return error.code, error.reason
     if isinstance(error, StreamResetError | StreamStoppedError):
@@ -192,89 +184,58 @@ def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
 async def _handshake(
     connection: QuicConnection, config: ServerConfig, machine: ServerHandshake
 ) -> Session | None:
-    """Identify streams by their first frame, answer the hello, verify the confirm.
+    """Answer the hello on the first stream, verify the confirm, then identify the two
+    channel streams by their first frame (the client opens them after its confirm; frames
+    that arrived earlier wait in their streams).
 
     Frames that arrived before the connection ended still count: a client may send its
     confirm, the channels and its close in one flight, and its session then runs (and
-    ends at once) like any other. The tasks that may still find something are counted;
-    the last one to finish says so, and the handshake fails with the connection's error.
+    ends at once) like any other.
     """
-    found_send, found = trio.open_memory_channel[tuple[FramedStream, Message | None] | None](
-        math.inf
-    )
     limits = config.frame_limits
-    producers = 0
-    async with trio.open_nursery() as nursery:
 
-        def start_producer(task: Callable[..., Awaitable[None]], *args: object) -> None:
-            async def run() -> None:
-                nonlocal producers
-                try:
-                    await task(*args)
-                finally:
-                    producers -= 1
-                    if not producers:  # nothing more can be found
-                        found_send.send_nowait(None)
+    async def next_stream() -> tuple[FramedStream, Message]:
+        try:
+            stream = await connection.accept_stream()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if connection.error is not None:
+                raise connection.error from None
+            raise
+        framed = FramedStream(stream, FrameDecoder(None, limits=limits))
+        first = await framed.receive()
+        if first is None:
+            raise ProtocolViolation("a stream ended before its first frame")
+        return framed, first
 
-            nonlocal producers
-            producers += 1
-            nursery.start_soon(run)
-
-        async def identify(stream: QuicStream) -> None:
-            framed = FramedStream(stream, FrameDecoder(None, limits=limits))
-            first = await framed.receive()
-            if first is None:
-                raise ProtocolViolation("a stream ended before its first frame")
-            found_send.send_nowait((framed, first))
-
-        accepted: list[QuicStream] = []
-
-        async def accept_streams() -> None:
-            while True:
-                try:
-                    stream = await connection.accept_stream()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the connection is over; the streams it had still count
-                accepted.append(stream)
-                start_producer(identify, stream)
-
-        async def read_confirm(control: FramedStream) -> None:
-            found_send.send_nowait((control, await control.receive()))
-
-        start_producer(accept_streams)
-        streams: dict[Channel, FramedStream] = {}
-        while not (machine.is_established and len(streams) == 3):
-            item = await found.receive()
-            if item is None:  # the connection ended before the handshake did
-                if connection.error is not None:
-                    raise connection.error
-                raise ProtocolViolation("the handshake ended unfinished")
-            framed, message = item
-            channel = framed.decoder.channel
-            assert channel is not None
-            if channel in streams and streams[channel] is not framed:
-                raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
-            if (channel is Channel.CONTROL) != (framed.stream is accepted[0]):
-                raise ProtocolViolation("SessionHello must be the first frame of the first stream")
-            streams[channel] = framed
-            if channel is not Channel.CONTROL:
-                continue  # held unread until the confirm is verified
-            if message is None:
-                raise ProtocolViolation("the control stream ended during the handshake")
-            reply = machine.receive(message, trio.current_time())
-            if isinstance(reply, SessionReject):
-                await _reject(connection, framed, reply)
-                nursery.cancel_scope.cancel()
-                return None
-            if reply is not None:
-                await framed.send(reply)
-                start_producer(read_confirm, framed)
-        nursery.cancel_scope.cancel()
-    if len(accepted) > len(streams):  # counted once no task can still be taking one
+    control, hello = await next_stream()
+    if control.decoder.channel is not Channel.CONTROL:
+        raise ProtocolViolation("SessionHello must be the first frame of the first stream")
+    reply = machine.receive(hello, trio.current_time())
+    if isinstance(reply, SessionReject):
+        await _reject(connection, control, reply)
+        return None
+    assert reply is not None
+    await control.send(reply)
+    confirm = await control.receive()
+    if confirm is None:
+        raise ProtocolViolation("the control stream ended during the handshake")
+    machine.receive(confirm, trio.current_time())
+    assert machine.is_established
+    streams: dict[Channel, FramedStream] = {}
+    while len(streams) < 2:
+        framed, _ = await next_stream()
+        channel = framed.decoder.channel
+        assert channel is not None
+        if channel is Channel.CONTROL:
+            raise ProtocolViolation("SessionHello must be the first frame of the first stream")
+        if channel in streams:
+            raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
+        streams[channel] = framed
+    if connection.pending_streams:
         raise ProtocolViolation("a stream beyond the three channels was opened")
     return Session(
         connection=connection,
-        control=streams[Channel.CONTROL],
+        control=control,
         replication=streams[Channel.REPLICATION],
         assets=streams[Channel.ASSETS],
         handshake=machine,

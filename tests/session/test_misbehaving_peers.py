@@ -90,6 +90,27 @@ async def test_second_stream_for_a_channel(nursery: trio.Nursery) -> None:
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
 
 
+async def test_channel_stream_ending_before_its_first_frame(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection)
+        await (await connection.open_stream()).send_eof()
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_control_stream_ending_instead_of_the_confirm(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+        control = await connection.open_stream()
+        await send(control, machine.start(trio.current_time()))
+        decoder = FrameDecoder(Channel.CONTROL)
+        while not decoder.feed(await control.receive_some()):
+            pass  # until the SessionAcknowledge
+        await control.send_eof()
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
 async def test_heartbeat_before_the_confirm(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     async with raw_connection(server.port) as connection:

@@ -137,6 +137,11 @@ class QuicConnection:
             self._raise_if_over()
             raise  # pragma: no cover - channel closed only on termination
 
+    @property
+    def pending_streams(self) -> int:
+        """Streams the peer opened that :meth:`accept_stream` has not returned yet."""
+        return self._accept_receive.statistics().current_buffer_used
+
     async def close(self, code: int = 0, reason: str = "", *, wait: bool = True) -> None:
         """Close with application error ``code``; ``wait`` for the closing period to end
         (≈3 PTO) or return once the CONNECTION_CLOSE has been handed to the socket."""
