@@ -72,6 +72,15 @@ def _only_session_closed(error: BaseException) -> bool:
     return isinstance(error, SessionClosed | trio.Cancelled)
 
 
+def _split_cancelled(error: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``error`` as (its ``Cancelled`` part, the rest); either may be ``None``."""
+    if isinstance(error, trio.Cancelled):
+        return error, None
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)
+    return None, error
+
+
 class Session:
     """An established Theta session (what :func:`theta.connect` yields and
     :func:`theta.serve` hands to its handler).
@@ -376,12 +385,21 @@ class Session:
     async def _run_handler(self, handler: Callable[[Session], Awaitable[object]]) -> None:
         try:
             await handler(self)
-        except Exception as error:
-            if _only_session_closed(error):
+        except BaseException as error:
+            # Cancellation goes on; what came with it (e.g. the SessionClosed of a task the
+            # handler ran, or its failure) is dealt with here, never passed up to serve().
+            cancelled, failure = _split_cancelled(error)
+            if failure is not None and not _only_session_closed(failure):
+                if not isinstance(failure, Exception):
+                    raise  # KeyboardInterrupt, SystemExit
+                logger.error(
+                    "session handler failed (session %#x)", self.session_id, exc_info=failure
+                )
+                await self.close(ErrorCode.INTERNAL_ERROR, "handler failed")
+            else:
                 await self.close()
-                return
-            logger.exception("session handler failed (session %#x)", self.session_id)
-            await self.close(ErrorCode.INTERNAL_ERROR, "handler failed")
+            if cancelled is not None:
+                raise cancelled from None
             return
         await self.close()
 

@@ -188,6 +188,51 @@ async def test_graceful_server_shutdown_says_going_away() -> None:
     assert closed.code == ErrorCode.GOING_AWAY
 
 
+@pytest.mark.parametrize(
+    ("raised", "logged"),
+    [
+        (SessionClosed(ErrorCode.NO_ERROR, "peer left", by_peer=True), False),
+        (RuntimeError("handler bug during shutdown"), True),
+    ],
+)
+async def test_handler_errors_beside_the_shutdown_do_not_escape_serve(
+    raised: Exception, logged: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler task that fails while the server is being cancelled (its nursery then
+    raises that error and Cancelled together) ends its session; serve() just stops."""
+    handler_started = trio.Event()
+
+    async def handler(session: Session) -> None:
+        async def fails_once_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise raised
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fails_once_cancelled)
+            handler_started.set()
+            await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server_scope = trio.CancelScope()
+
+            async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
+                with server_scope:
+                    await theta.serve(
+                        handler, "127.0.0.1", 0, _server_config(), task_status=task_status
+                    )
+
+            server: theta.Server = await nursery.start(run_server)
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                await handler_started.wait()
+                server_scope.cancel()
+                closed = await session.wait_closed()
+    assert closed.code == ErrorCode.GOING_AWAY
+    assert any("handler failed" in record.message for record in caplog.records) == logged
+
+
 def _server_config() -> theta.ServerConfig:
     from .helpers import server_config
 
