@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -166,24 +167,17 @@ async def test_handler_exception_closes_only_its_session(
 
 async def test_graceful_server_shutdown_says_going_away() -> None:
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server_scope = trio.CancelScope()
-
-            async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
-                with server_scope:
-                    await theta.serve(
-                        echo, "127.0.0.1", 0, _server_config(), task_status=task_status
-                    )
-
-            server: theta.Server = await nursery.start(run_server)
-            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-                await session.replication.send(b"ping", tick=1)
-                await session.replication.receive()  # the server's session is running
-                assert len(server.sessions) == 1
-                server_scope.cancel()
-                closed = await session.wait_closed()
-                with pytest.raises(SessionClosed):
-                    await session.replication.receive()
+        async with (
+            cancellable_server(echo) as (server, server_scope),
+            theta.connect("127.0.0.1", server.port, client_config()) as session,
+        ):
+            await session.replication.send(b"ping", tick=1)
+            await session.replication.receive()  # the server's session is running
+            assert len(server.sessions) == 1
+            server_scope.cancel()
+            closed = await session.wait_closed()
+            with pytest.raises(SessionClosed):
+                await session.replication.receive()
     assert closed.by_peer
     assert closed.code == ErrorCode.GOING_AWAY
 
@@ -215,28 +209,34 @@ async def test_handler_errors_beside_the_shutdown_do_not_escape_serve(
             await trio.sleep_forever()
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server_scope = trio.CancelScope()
-
-            async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
-                with server_scope:
-                    await theta.serve(
-                        handler, "127.0.0.1", 0, _server_config(), task_status=task_status
-                    )
-
-            server: theta.Server = await nursery.start(run_server)
-            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
-                await handler_started.wait()
-                server_scope.cancel()
-                closed = await session.wait_closed()
+        async with (
+            cancellable_server(handler) as (server, server_scope),
+            theta.connect("127.0.0.1", server.port, client_config()) as session,
+        ):
+            await handler_started.wait()
+            server_scope.cancel()
+            closed = await session.wait_closed()
     assert closed.code == ErrorCode.GOING_AWAY
     assert any("handler failed" in record.message for record in caplog.records) == logged
 
 
-def _server_config() -> theta.ServerConfig:
+@contextlib.asynccontextmanager
+async def cancellable_server(
+    handler: Callable[[Session], Awaitable[object]],
+) -> AsyncIterator[tuple[theta.Server, trio.CancelScope]]:
+    """``theta.serve`` in a nursery of its own, with the scope that stops it; the block
+    ends once the server has stopped (after the scope is cancelled)."""
     from .helpers import server_config
 
-    return server_config()
+    async with trio.open_nursery() as nursery:
+        server_scope = trio.CancelScope()
+
+        async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
+            with server_scope:
+                await theta.serve(handler, "127.0.0.1", 0, server_config(), task_status=task_status)
+
+        server: theta.Server = await nursery.start(run_server)
+        yield server, server_scope
 
 
 async def test_client_close_with_code_reaches_the_server(nursery: trio.Nursery) -> None:
