@@ -16,6 +16,7 @@ from theta._quic import (
     QuicConnection,
     QuicConnectionError,
     QuicServer,
+    QuicStream,
     StreamResetError,
     StreamStoppedError,
     serve_quic,
@@ -154,7 +155,7 @@ async def _accept(
         timeout=config.handshake_timeout,
     )
     try:
-        with trio.move_on_at(now + config.handshake_timeout):
+        with trio.move_on_at(now + config.handshake_timeout), single_error():
             return await _handshake(connection, config, machine)
         connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")
     except Exception as error:
@@ -172,6 +173,12 @@ async def _accept(
 
 def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
     """The code to close a failed handshake with (``None``: the connection is gone)."""
+    if isinstance(error, BaseExceptionGroup):  # both tasks failed at once: the first wins
+        for inner in error.exceptions:
+            code, reason = _close_code_for(inner)
+            if code is not ErrorCode.INTERNAL_ERROR:
+                return code, reason
+        return ErrorCode.INTERNAL_ERROR, "internal error"
     if isinstance(error, ProtocolError):
         return error.code, error.reason
     if isinstance(error, StreamResetError | StreamStoppedError):
@@ -184,60 +191,74 @@ def _close_code_for(error: BaseException) -> tuple[ErrorCode | None, str]:
 async def _handshake(
     connection: QuicConnection, config: ServerConfig, machine: ServerHandshake
 ) -> Session | None:
-    """Answer the hello on the first stream, verify the confirm, then identify the two
-    channel streams by their first frame (the client opens them after its confirm; frames
-    that arrived earlier wait in their streams).
+    """Answer the hello on the first stream and verify the confirm in this task, while a
+    second task identifies every other stream by its first frame as it arrives (so a
+    misplaced hello or a broken stream fails the handshake at once, with its code) and
+    holds the two channels unread until the confirm is verified.
 
     Frames that arrived before the connection ended still count: a client may send its
     confirm, the channels and its close in one flight, and its session then runs (and
     ends at once) like any other.
     """
     limits = config.frame_limits
+    channels: dict[Channel, FramedStream] = {}
+    identified = trio.Event()
 
-    async def next_stream() -> tuple[FramedStream, Message]:
+    async def accept() -> QuicStream:
         try:
-            stream = await connection.accept_stream()
+            return await connection.accept_stream()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if connection.error is not None:
                 raise connection.error from None
             raise
-        framed = FramedStream(stream, FrameDecoder(None, limits=limits))
-        first = await framed.receive()
-        if first is None:
-            raise ProtocolViolation("a stream ended before its first frame")
-        return framed, first
 
-    control, hello = await next_stream()
-    if control.decoder.channel is not Channel.CONTROL:
-        raise ProtocolViolation("SessionHello must be the first frame of the first stream")
-    reply = machine.receive(hello, trio.current_time())
+    async def first_frame(framed: FramedStream) -> Message:
+        message = await framed.receive()
+        if message is None:
+            raise ProtocolViolation("a stream ended before its first frame")
+        return message
+
+    async def identify_channels() -> None:
+        while len(channels) < 2:
+            framed = FramedStream(await accept(), FrameDecoder(None, limits=limits))
+            await first_frame(framed)
+            channel = framed.decoder.channel
+            assert channel is not None
+            if channel is Channel.CONTROL:
+                raise ProtocolViolation("SessionHello must be the first frame of the first stream")
+            if channel in channels:
+                raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
+            channels[channel] = framed
+        identified.set()
+
+    control = FramedStream(await accept(), FrameDecoder(None, limits=limits))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(identify_channels)
+        hello = await first_frame(control)
+        if control.decoder.channel is not Channel.CONTROL:
+            raise ProtocolViolation("SessionHello must be the first frame of the first stream")
+        reply = machine.receive(hello, trio.current_time())
+        if isinstance(reply, SessionReject):
+            nursery.cancel_scope.cancel()
+        else:
+            assert reply is not None
+            await control.send(reply)
+            confirm = await control.receive()
+            if confirm is None:
+                raise ProtocolViolation("the control stream ended during the handshake")
+            machine.receive(confirm, trio.current_time())
+            assert machine.is_established
+            await identified.wait()
     if isinstance(reply, SessionReject):
         await _reject(connection, control, reply)
         return None
-    assert reply is not None
-    await control.send(reply)
-    confirm = await control.receive()
-    if confirm is None:
-        raise ProtocolViolation("the control stream ended during the handshake")
-    machine.receive(confirm, trio.current_time())
-    assert machine.is_established
-    streams: dict[Channel, FramedStream] = {}
-    while len(streams) < 2:
-        framed, _ = await next_stream()
-        channel = framed.decoder.channel
-        assert channel is not None
-        if channel is Channel.CONTROL:
-            raise ProtocolViolation("SessionHello must be the first frame of the first stream")
-        if channel in streams:
-            raise ProtocolViolation(f"a second stream for the {channel.name.lower()} channel")
-        streams[channel] = framed
     if connection.pending_streams:
         raise ProtocolViolation("a stream beyond the three channels was opened")
     return Session(
         connection=connection,
         control=control,
-        replication=streams[Channel.REPLICATION],
-        assets=streams[Channel.ASSETS],
+        replication=channels[Channel.REPLICATION],
+        assets=channels[Channel.ASSETS],
         handshake=machine,
         config=config,
         established_at=trio.current_time(),
@@ -247,8 +268,10 @@ async def _handshake(
 async def _reject(connection: QuicConnection, control: FramedStream, reply: SessionReject) -> None:
     """Send the SessionReject, give it a moment to arrive, then close with its code."""
     logger.info("refused session from %s: %s", connection.remote_address, reply.reason)
-    with trio.move_on_after(_REJECT_GRACE):
-        await control.send(reply)
-        await control.send_eof()
-        await connection.wait_acknowledged()
-    connection.close_nowait(reply.code, reply.reason[:200])
+    try:
+        with trio.move_on_after(_REJECT_GRACE):
+            await control.send(reply)
+            await control.send_eof()
+            await connection.wait_acknowledged()
+    finally:  # the reject's code, even when the handshake deadline cut the grace short
+        connection.close_nowait(reply.code, reply.reason[:200])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -106,6 +107,77 @@ async def test_control_stream_ending_instead_of_the_confirm(nursery: trio.Nurser
         control = await handshake(connection, confirm=False)
         await control.send_eof()
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def _second_hello(connection: QuicConnection) -> None:
+    machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+    await send(await connection.open_stream(), machine.start(trio.current_time()))
+
+
+async def _reset_channel(connection: QuicConnection) -> None:
+    stream = await connection.open_stream()
+    await stream.send_all(b"\x00\x00")
+    await stream.reset(5)
+
+
+async def _raw_channel(data: bytes, connection: QuicConnection) -> None:
+    await (await connection.open_stream()).send_all(data)
+
+
+@pytest.mark.parametrize(
+    ("misbehave", "code"),
+    [
+        (_second_hello, ErrorCode.PROTOCOL_VIOLATION),
+        (functools.partial(_raw_channel, b"\x00\x00\x00\x00"), ErrorCode.MALFORMED_FRAME),
+        (functools.partial(_raw_channel, b"\x00\x01\x00\x00"), ErrorCode.FRAME_TOO_LARGE),
+        (_reset_channel, ErrorCode.PROTOCOL_VIOLATION),
+    ],
+    ids=["second-hello", "empty-frame", "oversized-frame", "reset"],
+)
+async def test_broken_stream_before_the_confirm_fails_at_once(
+    nursery: trio.Nursery,
+    misbehave: Callable[[QuicConnection], Awaitable[None]],
+    code: ErrorCode,
+) -> None:
+    """Streams are identified as they arrive, not only after the confirm: a broken one
+    closes the connection with its code, not with HANDSHAKE_TIMEOUT much later."""
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection, confirm=False)
+        await misbehave(connection)
+        with trio.fail_after(1):  # well before the 5 s handshake timeout
+            assert await closed_code(connection) == code
+
+
+async def test_session_hello_on_a_later_stream_while_the_first_is_silent(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo)
+    async with raw_connection(server.port) as connection:
+        await connection.open_stream()  # the first stream, never written to
+        await _second_hello(connection)
+        with trio.fail_after(1):
+            assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_reject_code_survives_the_handshake_deadline(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handshake deadline passing while a SessionReject waits to be acknowledged
+    still closes with the reject's code, not HANDSHAKE_TIMEOUT."""
+    original = QuicConnection.wait_acknowledged
+
+    async def never_on_the_server(self: QuicConnection, streams: object = None) -> None:
+        if self.is_client:
+            await original(self)
+        else:
+            await trio.sleep_forever()
+
+    monkeypatch.setattr(QuicConnection, "wait_acknowledged", never_on_the_server)
+    server = await start_server(nursery, echo, authenticator=lambda *_: None, handshake_timeout=0.5)
+    async with raw_connection(server.port) as connection:
+        await handshake(connection, confirm=False)  # answered with a SessionReject
+        assert await closed_code(connection) == ErrorCode.AUTH_FAILED
 
 
 async def test_heartbeat_before_the_confirm(nursery: trio.Nursery) -> None:
