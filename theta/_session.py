@@ -389,7 +389,9 @@ class Session:
             # Cancellation goes on; what came with it (e.g. the SessionClosed of a task the
             # handler ran, or its failure) is dealt with here, never passed up to serve().
             cancelled, failure = _split_cancelled(error)
-            if failure is not None and not _only_session_closed(failure):
+            if failure is None:
+                raise  # cancelled, nothing else: run() closes the session if need be
+            if not _only_session_closed(failure):
                 if not isinstance(failure, Exception):
                     raise  # KeyboardInterrupt, SystemExit
                 logger.error(
