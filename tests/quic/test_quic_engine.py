@@ -188,3 +188,28 @@ def test_client_offers_two_key_shares_only() -> None:
     assert len(pair.client.tls._ec_private_keys) == 1  # P-256 only
     pair.shuttle(4)
     assert pair.client.is_handshake_complete
+
+
+def test_frame_handler_table_is_shared_and_matches_aioquic() -> None:
+    from aioquic.quic.connection import QuicConnection as AioquicConnection
+
+    pair = Pair()
+    pair.shuttle(3)
+    assert pair.server is not None
+    assert pair.client.is_handshake_complete
+    plain = AioquicConnection(
+        configuration=_engine.build_configuration(
+            client_config(), is_client=True, server_name="localhost"
+        )
+    )
+    aioquic_table = vars(plain)["_QuicConnection__frame_handlers"]
+    for connection in (pair.client, pair.server):
+        table = vars(connection)["_QuicConnection__frame_handlers"]
+        assert not isinstance(table, dict)  # one shared table, bound at lookup
+        for frame_type, (handler, epochs) in aioquic_table.items():
+            bound, shared_epochs = table[frame_type]
+            assert bound.__self__ is connection
+            assert bound.__func__ is handler.__func__
+            assert shared_epochs == epochs
+        with pytest.raises(KeyError):
+            table[0x99]  # an unknown frame type: aioquic answers FRAME_ENCODING_ERROR

@@ -12,9 +12,12 @@ names:
 * :class:`EngineConnection`, which adds to aioquic's connection the three things aioquic
   does not offer publicly: the per-stream unacknowledged send figure, receive credit tied
   to what the application has read (aioquic grants credit as data *arrives*), and a
-  statistics read-out (RTT, congestion window, losses). These touch private attributes of
-  aioquic 1.7.2 (``QuicStreamSender._buffer_start/_buffer_stop``, ``_write_stream_limits``,
-  ``QuicPacketRecovery`` fields) and are pinned by ``tests/quic/test_engine.py``.
+  statistics read-out (RTT, congestion window, losses); it also shares aioquic's
+  per-connection frame-handler table between connections (fewer objects for the garbage
+  collector). These touch private attributes of aioquic 1.7.2
+  (``QuicStreamSender._buffer_start/_buffer_stop``, ``_write_stream_limits``,
+  ``QuicPacketRecovery`` fields, ``QuicConnection.__frame_handlers``) and are pinned by
+  ``tests/quic/test_quic_engine.py``.
 """
 
 from __future__ import annotations
@@ -216,6 +219,30 @@ def release_configuration(configuration: QuicConfiguration) -> None:
 # --- connection -------------------------------------------------------------------------
 
 
+class _SharedFrameHandlers:
+    """Stands in for aioquic's per-connection frame-type table (for each frame type a
+    bound method, a tuple and a frozenset of epochs: ≈ 90 objects per connection for the
+    garbage collector to scan for the connection's whole life): one table of method names
+    and epochs for every connection, bound at lookup. aioquic only indexes it."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: EngineConnection, built: dict[int, tuple[Any, Any]]) -> None:
+        self._connection = connection
+        if not _FRAME_HANDLERS:  # the first connection's table, by method name
+            _FRAME_HANDLERS.update(
+                (frame_type, (handler.__name__, frozenset(epochs)))
+                for frame_type, (handler, epochs) in built.items()
+            )
+
+    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Epoch]]:
+        name, epochs = _FRAME_HANDLERS[frame_type]  # KeyError: unknown frame type
+        return getattr(self._connection, name), epochs
+
+
+_FRAME_HANDLERS: dict[int, tuple[str, frozenset[Epoch]]] = {}
+
+
 class EngineConnection(_AioquicConnection):
     """aioquic's ``QuicConnection`` plus the few figures and controls the driver needs."""
 
@@ -223,6 +250,10 @@ class EngineConnection(_AioquicConnection):
         self, *, configuration: QuicConfiguration, max_peer_streams: int, **kwargs: Any
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        state = vars(self)  # the table is name-mangled private state of aioquic's class
+        state["_QuicConnection__frame_handlers"] = _SharedFrameHandlers(
+            self, state["_QuicConnection__frame_handlers"]
+        )
         # Initial MAX_STREAMS (aioquic hard-codes 128 and adds one per finished stream).
         for limit in (self._local_max_streams_bidi, self._local_max_streams_uni):
             limit.value = limit.sent = max_peer_streams
