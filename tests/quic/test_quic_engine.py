@@ -205,7 +205,7 @@ def test_frame_handler_table_is_shared_and_matches_aioquic() -> None:
     aioquic_table = vars(plain)["_QuicConnection__frame_handlers"]
     for connection in (pair.client, pair.server):
         table = vars(connection)["_QuicConnection__frame_handlers"]
-        assert not isinstance(table, dict)  # one shared table, bound at lookup
+        assert 0 < len(table) < 10  # only the frame types this connection has met so far
         for frame_type, (handler, epochs) in aioquic_table.items():
             bound, shared_epochs = table[frame_type]
             assert bound.__self__ is connection

@@ -219,15 +219,17 @@ def release_configuration(configuration: QuicConfiguration) -> None:
 # --- connection -------------------------------------------------------------------------
 
 
-class _SharedFrameHandlers:
-    """Stands in for aioquic's per-connection frame-type table (for each frame type a
-    bound method, a tuple and a frozenset of epochs: ≈ 90 objects per connection for the
-    garbage collector to scan for the connection's whole life): one table of method names
-    and epochs for every connection, bound at lookup. aioquic only indexes it."""
+class _FrameHandlers(dict[int, tuple[Any, frozenset[Epoch]]]):
+    """Stands in for aioquic's per-connection frame-type table (for each of 31 frame types
+    a bound method, a tuple and a frozenset of epochs: ≈ 100 objects per connection for
+    the garbage collector to scan for the connection's whole life). Entries are made from
+    one shared table of method names the first time a frame type is seen, so a
+    connection holds only the few types it meets, and a lookup stays a plain dict hit."""
 
     __slots__ = ("_connection",)
 
     def __init__(self, connection: EngineConnection, built: dict[int, tuple[Any, Any]]) -> None:
+        super().__init__()
         self._connection = connection
         if not _FRAME_HANDLERS:  # the first connection's table, by method name
             _FRAME_HANDLERS.update(
@@ -235,9 +237,10 @@ class _SharedFrameHandlers:
                 for frame_type, (handler, epochs) in built.items()
             )
 
-    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Epoch]]:
+    def __missing__(self, frame_type: int) -> tuple[Any, frozenset[Epoch]]:
         name, epochs = _FRAME_HANDLERS[frame_type]  # KeyError: unknown frame type
-        return getattr(self._connection, name), epochs
+        entry = self[frame_type] = (getattr(self._connection, name), epochs)
+        return entry
 
 
 _FRAME_HANDLERS: dict[int, tuple[str, frozenset[Epoch]]] = {}
@@ -251,7 +254,7 @@ class EngineConnection(_AioquicConnection):
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
         state = vars(self)  # the table is name-mangled private state of aioquic's class
-        state["_QuicConnection__frame_handlers"] = _SharedFrameHandlers(
+        state["_QuicConnection__frame_handlers"] = _FrameHandlers(
             self, state["_QuicConnection__frame_handlers"]
         )
         # Initial MAX_STREAMS (aioquic hard-codes 128 and adds one per finished stream).
