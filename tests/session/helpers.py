@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 import theta
-from theta import ClientConfig, Server, ServerConfig, Session
+from theta import ClientConfig, Server, ServerConfig, Session, SessionClosed
 from theta._quic import SelfSignedCertificate
 
 
@@ -68,6 +68,25 @@ async def echo(session: Session) -> None:
         nursery.start_soon(replication)
         nursery.start_soon(assets)
     await session.wait_closed()
+
+
+class SessionEnds:
+    """A server handler (:meth:`handler`) that records how each of its sessions ended."""
+
+    def __init__(self) -> None:
+        self.seen: list[SessionClosed] = []
+        self._added = trio.Event()
+
+    async def handler(self, session: Session) -> None:
+        self.seen.append(await session.wait_closed())
+        self._added.set()
+        self._added = trio.Event()
+
+    async def wait(self, count: int = 1) -> list[SessionClosed]:
+        """Wait until ``count`` sessions have ended; return how they ended."""
+        while len(self.seen) < count:
+            await self._added.wait()
+        return self.seen
 
 
 async def tasks_left_after(body: Callable[[], Awaitable[object]]) -> int:

@@ -15,7 +15,14 @@ from theta import ErrorCode, HandshakeRejected, HandshakeTimeout, Role, Session,
 from theta._quic import ConnectionClosedByPeer, QuicConfig, open_quic_connection
 from theta.core import AssetChunk, ReplicationMessage
 
-from .helpers import certificate, client_config, echo, start_server, tasks_left_after
+from .helpers import (
+    SessionEnds,
+    certificate,
+    client_config,
+    echo,
+    start_server,
+    tasks_left_after,
+)
 
 
 async def session_end(
@@ -37,18 +44,12 @@ async def close_seen_by_server(
 ) -> SessionClosed:
     """Start a server that records how its session ends, connect, run ``close`` on the
     session and leave it; return what the server's session saw (all within 5 s)."""
-    seen: list[SessionClosed] = []
-
-    async def handler(session: Session) -> None:
-        seen.append(await session.wait_closed())
-
-    server = await start_server(nursery, handler)
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
     with trio.fail_after(5):
         async with theta.connect("127.0.0.1", server.port, client_config()) as session:
             await close(session)
-        while not seen:
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.lowlevel.checkpoint()
+        seen = await ends.wait()
     return seen[0]
 
 

@@ -15,7 +15,14 @@ from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
 from theta.core import ClientHandshake, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
-from .helpers import client_config, echo, session_task_names, start_server, tasks_left_after
+from .helpers import (
+    SessionEnds,
+    client_config,
+    echo,
+    session_task_names,
+    start_server,
+    tasks_left_after,
+)
 
 
 async def wait_for_heartbeat(session: Session) -> theta.TransportDiagnostics:
@@ -362,20 +369,13 @@ async def test_sessions_left_at_once_still_reach_the_server(
 ) -> None:
     # The confirm, the channels and the close are written just before the QUIC close:
     # the last flush must not leave any of them to the pacer (nothing is sent after it).
-    seen: list[SessionClosed] = []
-    all_seen = trio.Event()
-
-    async def handler(session: Session) -> None:
-        seen.append(await session.wait_closed())
-        if len(seen) == 3:
-            all_seen.set()
-
-    server = await start_server(nursery, handler)
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
     for _ in range(3):
         async with theta.connect("127.0.0.1", server.port, client_config()):
             pass
     with trio.fail_after(5):
-        await all_seen.wait()
+        seen = await ends.wait(3)
     assert [(closed.code, closed.by_peer) for closed in seen] == [(ErrorCode.NO_ERROR, True)] * 3
 
 
@@ -396,13 +396,7 @@ async def test_server_keeps_its_interval_with_a_slower_client(
 async def test_close_on_a_lossy_path_waits_for_its_session_close(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    seen: list[SessionClosed] = []
-    handled = trio.Event()
-
-    async def handler(session: Session) -> None:
-        seen.append(await session.wait_closed())
-        handled.set()
-
+    ends = SessionEnds()
     drops = {"heartbeat": 0, "any": 0}
 
     def drop(datagram: bytes) -> bool:  # client to server
@@ -414,7 +408,7 @@ async def test_close_on_a_lossy_path_waits_for_its_session_close(
             return True
         return False
 
-    server = await start_server(nursery, handler)
+    server = await start_server(nursery, ends.handler)
     link = LinkConditioner(
         server.address,
         LinkConditionerConfig(delay=0.01, drop=drop),
@@ -429,5 +423,5 @@ async def test_close_on_a_lossy_path_waits_for_its_session_close(
         drops["any"] = 2  # ... and then the whole closing flight
         await session.close(ErrorCode.GOING_AWAY, "bye")
     with trio.fail_after(3):  # well before the server's 5 s heartbeat timeout
-        await handled.wait()
+        seen = await ends.wait()
     assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
