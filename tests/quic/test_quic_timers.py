@@ -96,3 +96,17 @@ async def test_a_cancelled_sleeper_is_neither_woken_nor_kept_alive(
     assert reference() is None  # the queue's stale entry does not hold it
     await trio.sleep(3)
     assert woken == [("kept", start + 2)]
+
+
+async def test_sleepers_dropped_without_cancel_do_not_loosen_pruning() -> None:
+    queue = TimerQueue()
+    start = trio.current_time()
+    for index in range(100):  # dropped at once: their entries outlive them
+        queue.schedule(Recorder(f"dropped {index}", []), start + 1)
+    queue._fire(start + 2)
+    sleepers = [Recorder(str(index), []) for index in range(10)]
+    for step in range(1000):
+        for sleeper in sleepers:
+            queue.schedule(sleeper, 10_000.0 - step)
+    assert queue._live == len(sleepers)
+    assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1

@@ -107,3 +107,6 @@ class TimerQueue:
             if (sleeper := entry[2]()) is not None and sleeper.timer_queued == entry[0]
         ]
         heapify(self._heap)
+        # One entry per live sleeper is left. Recounting also forgets sleepers that were
+        # garbage-collected without cancel(): _fire cannot tell whether theirs was live.
+        self._live = len(self._heap)
