@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 
@@ -23,6 +24,7 @@ from theta.core._replication import (
     ReplicationReceiver,
     ReplicationSender,
     ReplicationStats,
+    _frame_layout_problem,
     compress_replication,
 )
 
@@ -178,6 +180,46 @@ def test_bad_zstd_data_is_malformed(payload: bytes) -> None:
     receiver = ReplicationReceiver(zstd_negotiated=True)
     message = ReplicationMessage(1, FLAG_ZSTD, payload, len(COMPRESSIBLE))
     assert rejected(receiver, message) == ErrorCode.MALFORMED_FRAME
+
+
+def test_a_truncated_frame_after_a_whole_one_is_malformed() -> None:
+    # The zstd library stops quietly at the end of the input between frames.
+    receiver = ReplicationReceiver(zstd_negotiated=True)
+    skippable = b"\x50\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"pad"
+    for tail in (zstd(b"more")[:10], skippable[:-1], zstd(b"")[:-1]):
+        message = ReplicationMessage(1, FLAG_ZSTD, zstd(COMPRESSIBLE) + tail, len(COMPRESSIBLE))
+        with pytest.raises(ProtocolError, match="ends inside a frame"):
+            receiver.receive(message)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=3000) | st.builds(bytes, st.integers(0, 300_000)),
+            st.booleans(),
+            st.booleans(),
+            st.sampled_from([-5, 1, 19]),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_frame_walk_accepts_whole_frames_and_no_prefix(
+    frames: list[tuple[bytes, bool, bool, int]],
+) -> None:
+    compressed = [
+        zstandard.ZstdCompressor(
+            level=level, write_checksum=checksum, write_content_size=content_size
+        ).compress(data)
+        for data, checksum, content_size, level in frames
+    ]
+    payload = b"".join(compressed)
+    assert _frame_layout_problem(payload) is None
+    ends = set(itertools.accumulate(len(frame) for frame in compressed))
+    for cut in range(len(payload)):
+        if cut not in ends:  # not a frame boundary: every cut is caught
+            assert _frame_layout_problem(payload[:cut]) is not None
 
 
 def test_concatenated_and_skippable_frames_are_accepted() -> None:
