@@ -31,6 +31,7 @@ from theta.core import (
     HandshakeRejected,
     HandshakeTimeout,
     ProtocolError,
+    SessionClose,
 )
 
 __all__ = ["connect"]
@@ -95,6 +96,11 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
             reply = await control.receive()
             if reply is None:
                 raise HandshakeFailed("the server ended the control stream during the handshake")
+            if isinstance(reply, SessionClose):
+                # Spec 4.6 lets a peer say SessionClose before its QUIC close, which carries
+                # the same code: the server ended the session, it did not break the protocol.
+                connection.close_nowait(reply.code, reply.reason[:200])
+                raise _closed_during_handshake(reply.code, reply.reason)
             await control.send(machine.receive(reply, trio.current_time()))
             channels = []
             for channel in (Channel.REPLICATION, Channel.ASSETS):
@@ -112,7 +118,7 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
                 raise
             raise HandshakeFailed(error.reason, error.code) from None
         except ConnectionClosedByPeer as error:
-            raise _closed_during_handshake(error) from None
+            raise _closed_during_handshake(error.code, error.reason) from None
         except (StreamResetError, StreamStoppedError) as error:
             connection.close_nowait(ErrorCode.PROTOCOL_VIOLATION, "stream aborted in handshake")
             raise HandshakeFailed(
@@ -133,14 +139,14 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
     raise HandshakeTimeout(f"the session was not established within {config.handshake_timeout} s")
 
 
-def _closed_during_handshake(error: ConnectionClosedByPeer) -> ProtocolError:
-    """The server closed the connection before its SessionReject could be read."""
+def _closed_during_handshake(code_number: int, reason: str) -> ProtocolError:
+    """The server closed the session (QUIC close or SessionClose) instead of answering."""
     try:
-        code = ErrorCode(error.code)
+        code = ErrorCode(code_number)
     except ValueError:
         code = ErrorCode.PROTOCOL_VIOLATION
     if code is ErrorCode.NO_ERROR:
         return HandshakeFailed("the server closed the connection during the handshake")
     return HandshakeRejected(
-        error.reason or code.name, code, server_protocol_version=None, server_schema_hash=None
+        reason or code.name, code, server_protocol_version=None, server_schema_hash=None
     )

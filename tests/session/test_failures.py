@@ -12,8 +12,14 @@ import trio.lowlevel
 
 import theta
 from theta import ErrorCode, HandshakeRejected, HandshakeTimeout, Role, Session, SessionClosed
-from theta._quic import ConnectionClosedByPeer, QuicConfig, open_quic_connection
-from theta.core import AssetChunk, ReplicationMessage
+from theta._quic import ConnectionClosedByPeer, QuicConfig, QuicConnection, open_quic_connection
+from theta.core import (
+    AssetChunk,
+    FrameDecoder,
+    ReplicationMessage,
+    SessionClose,
+    encode_frame,
+)
 
 from .helpers import (
     SessionEnds,
@@ -79,6 +85,33 @@ async def test_client_handshake_timeout_when_the_server_never_answers(
         async with theta.connect("127.0.0.1", server.port, client_config(handshake_timeout=0.3)):
             pytest.fail("the session must not be established")
     assert info.value.code is ErrorCode.HANDSHAKE_TIMEOUT
+
+
+async def test_session_close_instead_of_an_answer_is_the_servers_refusal(
+    nursery: trio.Nursery,
+) -> None:
+    server_config = QuicConfig(
+        certificate=certificate().certificate_pem, private_key=certificate().private_key_pem
+    )
+    seen_send, seen = trio.open_memory_channel[int](1)
+
+    async def busy(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        decoder = FrameDecoder(None)  # a stream's first frame
+        while not decoder.feed(await stream.receive_some()):
+            pass  # until the hello is whole
+        await stream.send_all(encode_frame(SessionClose(ErrorCode.SERVER_BUSY, "full")))
+        with pytest.raises(ConnectionClosedByPeer) as info:  # the QUIC close is the client's
+            await connection.accept_stream()
+        seen_send.send_nowait(info.value.code)
+
+    server = await nursery.start(theta._quic.serve_quic, busy, "127.0.0.1", 0, server_config)
+    with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            pytest.fail("the session must not be established")
+    assert (info.value.code, info.value.reason) == (ErrorCode.SERVER_BUSY, "full")
+    with trio.fail_after(5):
+        assert await seen.receive() == ErrorCode.SERVER_BUSY
 
 
 async def test_untrusted_certificate_is_a_transport_error(nursery: trio.Nursery) -> None:
