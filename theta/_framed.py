@@ -17,7 +17,9 @@ class FramedStream:
 
     ``receive()`` returns the next message or ``None`` at a clean end of stream and raises
     :class:`~theta.core.ProtocolError` for bad frames; ``send()`` is safe to call from
-    several tasks (frames are never interleaved).
+    several tasks (frames are never interleaved). A send cancelled while it waits for the
+    transport has sent nothing: frames are handed to QUIC whole (a stream may then hold
+    one write's worth of bytes beyond its high-water mark).
     """
 
     def __init__(self, stream: QuicStream, decoder: FrameDecoder) -> None:
@@ -53,13 +55,13 @@ class FramedStream:
         lock = self._send_lock
         if lock.locked():
             async with lock:
-                await self.stream.send_all(frames)
+                await self.stream.send_whole(frames)
             return
-        # Uncontended: take the lock without its two scheduler passes (send_all is the
+        # Uncontended: take the lock without its two scheduler passes (send_whole is the
         # checkpoint), so that a reply is written within the transport's answer window.
         lock.acquire_nowait()
         try:
-            await self.stream.send_all(frames)
+            await self.stream.send_whole(frames)
         finally:
             lock.release()
 

@@ -223,3 +223,35 @@ async def test_untrusted_certificate_is_rejected(echo_server: QuicServer) -> Non
         async with open_quic_connection("127.0.0.1", echo_server.port, config):
             pytest.fail("must not connect")  # pragma: no cover
     assert not isinstance(caught.value, HandshakeTimeout)
+
+
+async def test_send_whole_writes_all_or_nothing(nursery: trio.Nursery) -> None:
+    high_water, window = 64 * 1024, 16 * 1024
+    received: list[QuicStream] = []
+    accepted = trio.Event()
+
+    async def stalled_handler(connection: QuicConnection) -> None:
+        received.append(await connection.accept_stream())
+        accepted.set()
+        await connection.terminated.wait()  # reads only when the test says so
+
+    server = await start_server(nursery, stalled_handler, stream_receive_window=window)
+    config = client_config(stream_send_high_water=high_water)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, config) as connection:
+            stream = await connection.open_stream()
+            await stream.send_whole(payload(1000, seed=1))
+            await accepted.wait()
+            with trio.move_on_after(0.2) as waited:  # send_all would block half-way
+                await stream.send_whole(payload(2 * high_water, seed=2))
+            assert not waited.cancelled_caught  # below the mark: written whole at once
+            with trio.move_on_after(0.2) as waited:
+                await stream.send_whole(payload(5000, seed=3))
+            assert waited.cancelled_caught  # above the mark: blocked...
+            # ... and nothing of it left: the peer acknowledged its window's worth only.
+            assert stream.unacked_bytes() == 1000 + 2 * high_water - window
+            await stream.send_eof()
+            data = bytearray()
+            while chunk := await received[0].receive_some():
+                data += chunk
+            assert data == payload(1000, seed=1) + payload(2 * high_water, seed=2)

@@ -6,6 +6,7 @@ Backpressure, both ways:
   (written but not yet acknowledged by the peer, including bytes queued behind flow
   control) are below ``QuicConfig.stream_send_high_water``, never past it, and blocks
   until they drop to half of it. Memory per stream is bounded however much is sent.
+  ``send_whole`` (whole frames) waits the same way, then writes all its data at once.
 * receive: arriving data goes to a per-stream buffer; the peer's credit is "bytes read by
   the application + ``stream_receive_window``" (see ``_engine.EngineConnection``), so a
   slow reader stalls the peer through QUIC flow control and the buffer never holds more
@@ -98,6 +99,23 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 chunk, view = view[:room], view[room:]
                 self._connection._send_stream_data(self, bytes(chunk), end_stream=False)
                 self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
+        finally:
+            self._sending = False
+
+    async def send_whole(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one unit: wait until the unacknowledged bytes are below the
+        high-water mark, then hand all of ``data`` to QUIC at once (which may take them
+        past the mark by up to ``len(data)``). Cancelled while waiting, it has sent
+        nothing; it never leaves part of ``data`` sent, so a framing layer stays intact."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            self._check_send()
+            await trio.lowlevel.checkpoint()
+            await self._wait_writable()  # no checkpoint between its last check and the write
+            self._connection._send_stream_data(self, bytes(data), end_stream=False)
+            self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
         finally:
             self._sending = False
 
