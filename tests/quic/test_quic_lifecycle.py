@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from theta._quic import (
     TransportError,
     generate_self_signed_certificate,
     open_quic_connection,
+    serve_quic,
 )
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
@@ -28,6 +30,7 @@ from .quic_helpers import (
     digest_handler,
     payload,
     send_in_chunks,
+    server_config,
     start_server,
 )
 
@@ -255,3 +258,106 @@ async def test_send_whole_writes_all_or_nothing(nursery: trio.Nursery) -> None:
             while chunk := await received[0].receive_some():
                 data += chunk
             assert data == payload(1000, seed=1) + payload(2 * high_water, seed=2)
+
+
+async def run_cancellable_server(
+    scope: trio.CancelScope,
+    handler: Callable[[QuicConnection], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[QuicServer],
+) -> None:
+    with scope:
+        config = server_config(idle_timeout=3)
+        await serve_quic(handler, "127.0.0.1", 0, config, task_status=task_status)
+
+
+async def test_cancelling_either_side_tells_the_peer_at_once() -> None:
+    """Whichever task trio cancels first, the driver closes on its way out: the peer
+    learns at once, not by its idle timeout (3 s here). Repeated: the order varies."""
+    ended_send, ended = trio.open_memory_channel[BaseException | None](1)
+
+    async def echo_once(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        await stream.send_all(await stream.receive_some())
+        await connection.terminated.wait()
+        ended_send.send_nowait(connection.error)
+
+    async def ping(connection: QuicConnection) -> None:
+        """A round trip: both sides are past the handshake (a close during it is sent
+        as a transport error, RFC 9000 section 10.2.3)."""
+        stream = await connection.open_stream()
+        await stream.send_all(b"x")
+        assert await stream.receive_some() == b"x"
+
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery, echo_once, idle_timeout=3)
+            with trio.CancelScope() as owner:
+                async with open_quic_connection(
+                    "127.0.0.1", server.port, client_config(idle_timeout=3)
+                ) as connection:
+                    await ping(connection)
+                    owner.cancel()
+                    await trio.sleep_forever()
+            with trio.fail_after(1):
+                error = await ended.receive()
+            assert isinstance(error, ConnectionClosedByPeer)
+            assert error.code == 0
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            server_scope = trio.CancelScope()
+            server = await nursery.start(run_cancellable_server, server_scope, echo_once)
+            async with open_quic_connection(
+                "127.0.0.1", server.port, client_config(idle_timeout=3)
+            ) as connection:
+                await ping(connection)
+                server_scope.cancel()
+                with trio.fail_after(1):
+                    await connection.terminated.wait()
+                assert isinstance(connection.error, ConnectionClosedByPeer)
+                assert connection.error.code == 0
+
+
+async def test_an_engine_failure_tells_the_peer(nursery: trio.Nursery) -> None:
+    connections: list[QuicConnection] = []
+    received = trio.Event()
+
+    async def handler(connection: QuicConnection) -> None:
+        connections.append(connection)
+        assert await (await connection.accept_stream()).receive_some() == b"x"
+        received.set()
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, handler, idle_timeout=3)
+    with trio.fail_after(5):
+        async with open_quic_connection(
+            "127.0.0.1", server.port, client_config(idle_timeout=3)
+        ) as connection:
+            stream = await connection.open_stream()
+            await stream.send_all(b"x")
+            await received.wait()
+
+            def fail(*args: object, **kwargs: object) -> None:
+                raise IndexError("an engine bug met by hostile input")
+
+            connections[0]._quic.receive_datagram = fail  # type: ignore[method-assign]
+            await stream.send_all(b"y")
+            with trio.fail_after(1):  # not the idle timeout
+                await connection.terminated.wait()
+    assert isinstance(connection.error, TransportError)
+    assert connection.error.code == 1
+    assert isinstance(connections[0].error, TransportError)
+
+
+async def test_nothing_is_accepted_for_sending_once_closing(echo_server: QuicServer) -> None:
+    with trio.fail_after(5):
+        async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(b"x")
+            conn.close_nowait()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"lost otherwise")
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await conn.open_stream()

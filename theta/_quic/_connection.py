@@ -237,11 +237,13 @@ class QuicConnection:
         self._quic.connect(self.remote_address, now=trio.current_time())
 
     async def run(self) -> None:
-        """The driver task. Returns when the connection has terminated."""
+        """The driver task. Returns when the connection has terminated; cancelled, it
+        closes the connection (code 0) on its way out, so the peer learns at once."""
         try:
             await self._drive()
         finally:
             if not self.terminated.is_set():
+                self._tell_peer_nowait(0, "")
                 self._terminate(trio.ClosedResourceError("connection driver stopped"))
 
     # -- the driver loop ----------------------------------------------------------------
@@ -439,11 +441,29 @@ class QuicConnection:
             self._terminate(ConnectionRefused(_INTERNAL_ERROR, "connection refused"))
 
     def _give_up_handshake(self) -> None:
+        self._tell_peer_nowait(0, "handshake timed out")
         self._terminate(HandshakeTimeout(_INTERNAL_ERROR, "handshake timed out"))
 
     def _fail_engine(self, exc: BaseException) -> None:
         logger.warning("QUIC engine error, closing connection: %r", exc)
+        self._tell_peer_nowait(_INTERNAL_ERROR, "internal error", transport=True)
         self._terminate(TransportError(_INTERNAL_ERROR, f"engine error: {exc!r}"))
+
+    def _tell_peer_nowait(self, code: int, reason: str, *, transport: bool = False) -> None:
+        """Best effort, before ending the connection without the engine's closing period:
+        hand a CONNECTION_CLOSE to the socket (an engine that just failed may not manage
+        to build one; the peer then learns by its idle timeout)."""
+        if self._closed_locally or self.terminated.is_set():
+            return
+        self._closed_locally = True
+        try:
+            if transport:
+                self._quic.close_with_transport_error(code, reason)
+            else:
+                self._quic.close(error_code=code, reason_phrase=reason)
+        except _engine.ENGINE_ERRORS:
+            return
+        self._flush_nowait()
 
     def _terminate(self, error: QuicConnectionError | trio.ClosedResourceError) -> None:
         if self.terminated.is_set():
@@ -464,6 +484,8 @@ class QuicConnection:
     def _raise_if_over(self) -> None:
         if self.error is not None:
             raise self.error
+        if self._closed_locally:  # closing: the engine would accept data and never send it
+            raise trio.ClosedResourceError("connection closed by this side")
 
     # -- called by streams --------------------------------------------------------------
 

@@ -396,6 +396,10 @@ class EngineConnection(_AioquicConnection):
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
+    def close_with_transport_error(self, code: int, reason: str) -> None:
+        """Close with a QUIC transport error ``code`` (``close`` sends an application one)."""
+        self.close(error_code=code, frame_type=QuicFrameType.PADDING, reason_phrase=reason)
+
     # -- read-outs --
 
     def peer_close(self) -> ConnectionTerminated | None:
