@@ -273,6 +273,19 @@ async def cancellable_server(
         yield server, server_scope
 
 
+async def test_cancelling_the_client_says_going_away(nursery: trio.Nursery) -> None:
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
+    with trio.CancelScope() as owner:
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"x", tick=1)
+            owner.cancel()
+            await trio.sleep_forever()
+    with trio.fail_after(1):  # not the heartbeat timeout (5 s)
+        (seen,) = await ends.wait()
+    assert (seen.code, seen.by_peer) == (ErrorCode.GOING_AWAY, True)
+
+
 async def test_client_close_with_code_reaches_the_server(nursery: trio.Nursery) -> None:
     async def close_twice(session: Session) -> None:
         await session.close(ErrorCode.GOING_AWAY, "level change")

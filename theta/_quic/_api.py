@@ -69,21 +69,33 @@ async def open_quic_connection(
                 connection = QuicConnection(endpoint, engine, config, addr, is_client=True)
                 endpoint.add_client_connection(connection)
                 connection.connect()
-                nursery.start_soon(endpoint.run)
-                nursery.start_soon(connection.run)
-                await connection.handshake_complete.wait()
-                if connection.error is not None:
-                    raise connection.error
+                # The transport is shielded from a cancellation of the caller's scope until
+                # the block has been left: what the block sends on its way out (a session's
+                # GOING_AWAY) still goes out, then the close below.
+                transport = trio.CancelScope(shield=True)
+                nursery.start_soon(_run_transport, transport, endpoint, connection)
                 try:
+                    await connection.handshake_complete.wait()
+                    if connection.error is not None:
+                        raise connection.error
                     yield connection
                     with trio.move_on_after(config.idle_timeout):
                         await connection.wait_acknowledged()
                 finally:
                     connection.close_nowait()
-                    nursery.cancel_scope.cancel()
+                    transport.cancel()
     finally:
         endpoint.close()
         _engine.release_configuration(configuration)
+
+
+async def _run_transport(
+    scope: trio.CancelScope, endpoint: UdpEndpoint, connection: QuicConnection
+) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endpoint.run)
+            await connection.run()
 
 
 class QuicServer:
