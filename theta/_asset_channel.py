@@ -66,15 +66,27 @@ class AssetChannel(DataChannel[AssetProgress]):
     ) -> int:
         """Send one asset named ``name``; return its asset id.
 
-        ``data`` is the whole asset, or an async iterable of pieces of any size adding up to
-        ``total_size`` (required then; ``ValueError`` if the pieces do not add up — the
-        asset is then left unfinished). Chunks of concurrent sends interleave. Raises
-        :class:`SessionClosed` once the session is over and ``PermissionError`` if this
-        client's role lacks ``UPLOAD_ASSETS``.
+        ``data`` is the whole asset (``total_size``, if given, must match), or an async
+        iterable of pieces of any size adding up to ``total_size`` (required then;
+        ``ValueError`` if the pieces do not add up). Chunks of concurrent sends interleave.
+        Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
+        client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
+        :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a
+        raising ``progress`` callback) is left unfinished: the protocol has no way to
+        abandon one, so the peer holds its chunks until the session ends.
         """
         self._check_may_send()
+        if not isinstance(name, str):
+            raise TypeError(f"an asset name is a str, not {type(name).__name__}")
         if not name:
             raise ValueError("an asset needs a non-empty name")
+        if isinstance(data, bytes | bytearray | memoryview):
+            if total_size is not None and total_size != len(data):
+                raise ValueError(f"total_size {total_size} != {len(data)} bytes of data")
+        elif not hasattr(data, "__aiter__"):
+            raise TypeError(
+                f"asset data is bytes-like or an async iterable of bytes, not {type(data).__name__}"
+            )
         asset_id = self._next_id
         self._next_id = self._next_id % (2**64 - 1) + 1
         limit = self._max_chunk_data(name)

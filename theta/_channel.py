@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -63,19 +64,28 @@ class DataChannel(abc.ABC, Generic[T]):
         self._drained = trio.Event()
         """Set once the peer's direction ended (or the reader stopped)."""
         self._carried_data = False  # whether the application sent anything on it
+        self._finished = False  # finish() was called: this side's direction is over
 
     async def _send(self, message: Message) -> None:
+        self._check_not_finished()
         self._carried_data = True
-        await self._session._guard(self._framed.send(message))
+        await self._session._guard(functools.partial(self._framed.send, message))
 
     async def _send_many(self, messages: list[Message]) -> None:
+        self._check_not_finished()
         self._carried_data = True
-        await self._session._guard(self._framed.send_many(messages))
+        await self._session._guard(functools.partial(self._framed.send_many, messages))
 
     def _check_may_send(self) -> None:
         self._session._check_open()
         if self._session.is_client and not self._session.role & self._permission:
             raise PermissionError(f"role {self._session.role!r} may not {self._action}")
+        self._check_not_finished()
+
+    def _check_not_finished(self) -> None:
+        if self._finished:
+            # The application's own mistake: the session (and the peer) carry on.
+            raise trio.ClosedResourceError(f"this side finished the channel: cannot {self._action}")
 
     async def _next(self) -> T:
         try:
@@ -86,8 +96,15 @@ class DataChannel(abc.ABC, Generic[T]):
             raise
 
     async def finish(self) -> None:
-        """End this side's direction (FIN); the peer's direction stays open."""
-        await self._session._guard(self._framed.send_eof())
+        """End this side's direction (FIN); the peer's direction stays open. Sending
+        afterwards raises ``trio.ClosedResourceError`` (the session carries on);
+        calling it again does nothing."""
+        self._session._check_open()
+        if self._finished:
+            await trio.lowlevel.checkpoint()
+            return
+        self._finished = True
+        await self._session._guard(self._framed.send_eof)
 
     async def _finish_quietly(self) -> None:
         """FIN our direction if it is still open (closing the session)."""

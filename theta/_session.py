@@ -327,11 +327,11 @@ class Session:
         if self._closed is not None:
             raise self._closed
 
-    async def _guard(self, operation: Awaitable[T]) -> T:
+    async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a user-facing send: connection errors become the session's SessionClosed."""
         self._check_open()
         try:
-            return await operation
+            return await operation()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             if isinstance(error, ConnectionClosedByPeer) and self._closed is None:
                 # The session's tasks see the peer's close too and end the session as

@@ -275,6 +275,47 @@ async def test_assets_iterate_until_the_peer_finishes(nursery: trio.Nursery) -> 
     assert names == ["asset-0", "asset-1", "asset-2", "empty"]
 
 
+async def test_sending_after_finish_is_a_local_error(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"one", tick=1)
+            await session.replication.finish()
+            await session.replication.finish()  # again: nothing more happens
+            await session.assets.finish()
+            with pytest.raises(trio.ClosedResourceError, match="finished"):
+                await session.replication.send(b"two", tick=2)
+            with pytest.raises(trio.ClosedResourceError, match="finished"):
+                await session.replication.send_many([(2, b"two")])
+            with pytest.raises(trio.ClosedResourceError, match="finished"):
+                await session.assets.send("late", b"data")
+            # The session and the peer carry on: the echo still comes back.
+            assert (await session.replication.receive()).payload == b"one"
+            await wait_for_heartbeat(session)
+            assert session.closed is None
+        assert (await session.wait_closed()).code == ErrorCode.NO_ERROR
+
+
+async def test_send_arguments_are_checked(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            with pytest.raises(TypeError, match="bytes-like, not int"):
+                await session.replication.send(5, tick=1)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="bytes-like, not str"):
+                await session.replication.send_many([(1, "text")])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="name is a str"):
+                await session.assets.send(b"name", b"data")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="bytes-like or an async iterable"):
+                await session.assets.send("name", "text")  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="total_size 99 != 3"):
+                await session.assets.send("name", b"abc", total_size=99)
+            assert session.closed is None  # a bad argument never ends the session
+            await session.close()
+            with pytest.raises(SessionClosed):
+                await session.replication.finish()
+
+
 async def test_server_unreachable() -> None:
     with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
         await silent.bind(("127.0.0.1", 0))  # bound, never answers

@@ -158,7 +158,10 @@ class ReplicationSender:
         return self._stats
 
     def message(self, tick: int, payload: bytes) -> ReplicationMessage:
-        """The ``ReplicationMessage`` carrying ``payload`` for ``tick``."""
+        """The ``ReplicationMessage`` carrying ``payload`` (bytes-like) for ``tick``."""
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            # bytes() would also take an int (that many zero bytes) or an iterable.
+            raise TypeError(f"a replication payload is bytes-like, not {type(payload).__name__}")
         payload = bytes(payload)
         if len(payload) > self.max_payload:
             raise ValueError(
