@@ -70,6 +70,9 @@ def test_server_needs_certificate_and_key() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="max_datagram_size"):
         QuicConfig(max_datagram_size=1000)
+    with pytest.raises(ValueError, match=r"max_datagram_size must be in 1200\.\.65527"):
+        QuicConfig(max_datagram_size=65528)
+    assert QuicConfig(max_datagram_size=65527).max_datagram_size == 65527
     with pytest.raises(ValueError, match="idle_timeout"):
         QuicConfig(idle_timeout=0)
 

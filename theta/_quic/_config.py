@@ -11,6 +11,10 @@ ALPN = "theta/1"
 #: QUIC version 1 (RFC 9000).
 QUIC_VERSION_1 = 0x00000001
 
+#: Bounds of ``max_datagram_size``: every QUIC path carries 1200-byte datagrams (RFC 9000,
+#: section 14); 65527 is the largest ``max_udp_payload_size`` a peer may announce.
+MIN_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE = 1200, 65527
+
 PemSource = bytes | str | Path
 """PEM data as ``bytes``, or the path of a PEM file as ``str`` or ``Path``."""
 
@@ -46,7 +50,8 @@ class QuicConfig:
     handshake_timeout: float = 10.0
     """Give up a handshake that has not completed after this many seconds."""
     max_datagram_size: int = 1200
-    """Largest UDP payload sent; 1200 is safe on any path (aioquic has no PMTU discovery)."""
+    """Largest UDP payload sent, 1200..65527; 1200 is safe on any path (aioquic has no PMTU
+    discovery)."""
     initial_rtt: float = 0.1
     """RTT assumed before the first sample, in seconds."""
     max_data: int = 16 * 1024 * 1024
@@ -72,8 +77,11 @@ class QuicConfig:
     """Server: connections still handshaking at once."""
 
     def __post_init__(self) -> None:
-        if self.max_datagram_size < 1200:
-            raise ValueError("max_datagram_size must be at least 1200")
+        if not MIN_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
+            raise ValueError(
+                f"max_datagram_size must be in {MIN_DATAGRAM_SIZE}..{MAX_DATAGRAM_SIZE},"
+                f" not {self.max_datagram_size!r}"
+            )
         for name in ("idle_timeout", "handshake_timeout", "initial_rtt"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
