@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,8 @@ from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from theta._quic import QuicConfig
+from theta._replication_channel import _FRAME_OVERHEAD as _REPLICATION_FRAME_OVERHEAD
 from theta.core import (
     CAP_ZSTD,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -18,8 +21,10 @@ from theta.core import (
     Authenticator,
     FrameLimits,
     Role,
+    canonical_manifest,
     schema_hash,
 )
+from theta.core._handshake import MAX_AUTH_TOKEN_LENGTH, MAX_CAPABILITIES
 
 __all__ = ["ClientConfig", "ServerConfig"]
 
@@ -29,6 +34,29 @@ PemSource = bytes | str | Path
 
 def _frozen_manifest(manifest: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(manifest))
+
+
+def _check_int(
+    name: str, value: object, minimum: int | None = None, maximum: int | None = None
+) -> None:
+    """``value`` must be an ``int`` (not a ``bool``) in ``minimum..maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if minimum is None:
+        return
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in {minimum}..{maximum}, not {value!r}")
+    if value < minimum:
+        qualifier = "non-negative" if minimum == 0 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {qualifier}, not {value!r}")
+
+
+def _check_seconds(name: str, value: object) -> None:
+    """``value`` must be a positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if not value > 0:  # also refuses NaN
+        raise ValueError(f"{name} must be positive")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,7 +74,8 @@ class _SessionConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     frame_limits: FrameLimits = dataclasses.field(default_factory=FrameLimits)
-    """Largest frame payload accepted per channel (spec section 3)."""
+    """Largest frame payload accepted per channel (spec section 3). Replication payloads
+    sent are bounded by the replication limit less 84 bytes of frame overhead."""
     max_asset_size: int = 64 * 1024 * 1024
     """Largest asset accepted (``FRAME_TOO_LARGE`` beyond)."""
     asset_chunk_size: int = 64 * 1024
@@ -61,27 +90,58 @@ class _SessionConfig:
     idle_timeout: float = 30.0
     """QUIC idle timeout, seconds."""
     max_datagram_size: int = 1200
-    """UDP payload size; raise it only where the path MTU is known (e.g. loopback)."""
+    """UDP payload size, 1200..65527; raise it only where the path MTU is known (e.g.
+    loopback)."""
     key_log_file: str | Path | None = dataclasses.field(
         default_factory=lambda: os.environ.get("SSLKEYLOGFILE") or None
     )
     """Append TLS secrets here (SSLKEYLOGFILE format); defaults to ``$SSLKEYLOGFILE``."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.manifest, Mapping):
+            raise TypeError(f"manifest must be a mapping of str to str, not {self.manifest!r}")
         object.__setattr__(self, "manifest", _frozen_manifest(self.manifest))
+        canonical_manifest(self.manifest)  # str → str entries, each within the wire's bounds
+        capabilities: object = self.capabilities
+        if isinstance(capabilities, str | bytes) or not hasattr(capabilities, "__iter__"):
+            raise TypeError(f"capabilities must be a sequence of ints, not {capabilities!r}")
         object.__setattr__(self, "capabilities", tuple(self.capabilities))
-        for name in ("handshake_timeout", "heartbeat_interval", "heartbeat_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
-        if self.heartbeat_interval >= self.heartbeat_timeout:
-            raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
-        if not 1 <= self.asset_chunk_size <= 1024 * 1024:
-            raise ValueError("asset_chunk_size must be in 1..1048576")
-        if self.receive_queue < 1:
-            raise ValueError("receive_queue must be at least 1")
         for capability in self.capabilities:
+            if isinstance(capability, bool) or not isinstance(capability, int):
+                raise TypeError(f"capability {capability!r} is not an int")
             if not 0 <= capability <= 0xFFFF_FFFF:
                 raise ValueError(f"capability {capability!r} is not an unsigned 32-bit value")
+        if self.signing_key is not None and not isinstance(self.signing_key, Ed25519PrivateKey):
+            raise TypeError(
+                f"signing_key must be an Ed25519PrivateKey or None, not {self.signing_key!r}"
+            )
+        for name in ("handshake_timeout", "heartbeat_interval", "heartbeat_timeout"):
+            _check_seconds(name, getattr(self, name))
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
+        if not isinstance(self.frame_limits, FrameLimits):
+            raise TypeError(f"frame_limits must be a FrameLimits, not {self.frame_limits!r}")
+        if self.frame_limits.replication <= _REPLICATION_FRAME_OVERHEAD:
+            raise ValueError(
+                f"frame_limits.replication must be above {_REPLICATION_FRAME_OVERHEAD} (the"
+                " frame bytes around a replication payload), not"
+                f" {self.frame_limits.replication}"
+            )
+        _check_int("max_asset_size", self.max_asset_size, 0)
+        _check_int("asset_chunk_size", self.asset_chunk_size, 1, 1024 * 1024)
+        _check_int("max_buffered_asset_bytes", self.max_buffered_asset_bytes, 0)
+        _check_int("receive_queue", self.receive_queue, 1)
+        _check_seconds("idle_timeout", self.idle_timeout)
+        if not math.isfinite(self.idle_timeout):
+            raise ValueError("idle_timeout must be finite")
+        _check_int("max_datagram_size", self.max_datagram_size)
+        # The QUIC layer's own bounds (e.g. max_datagram_size), checked now rather than by
+        # every connect() or serve().
+        QuicConfig(
+            idle_timeout=self.idle_timeout,
+            handshake_timeout=self.handshake_timeout,
+            max_datagram_size=self.max_datagram_size,
+        )
 
     @property
     def schema_hash(self) -> int:
@@ -96,6 +156,9 @@ class ClientConfig(_SessionConfig):
     The server certificate is verified against ``ca_certs`` (PEM bytes or a file) or the
     system roots, and against ``server_name`` (default: the host connected to).
     ``insecure_skip_verify_for_tests`` disables verification and logs a warning.
+
+    A value no session could use (wrong type, out of the wire's range) raises ``TypeError``
+    or ``ValueError`` naming the field when the configuration is built.
     """
 
     ca_certs: PemSource | None = None
@@ -103,6 +166,21 @@ class ClientConfig(_SessionConfig):
     insecure_skip_verify_for_tests: bool = False
     auth_token: bytes = b""
     """Sent in ``SessionHello`` for the server's authenticator (at most 4096 bytes)."""
+
+    def __post_init__(self) -> None:
+        _SessionConfig.__post_init__(self)
+        if len(self.capabilities) > MAX_CAPABILITIES:
+            raise ValueError(
+                f"capabilities must hold at most {MAX_CAPABILITIES} values,"
+                f" not {len(self.capabilities)}"
+            )
+        if not isinstance(self.auth_token, bytes):
+            raise TypeError(f"auth_token must be bytes, not {type(self.auth_token).__name__}")
+        if len(self.auth_token) > MAX_AUTH_TOKEN_LENGTH:
+            raise ValueError(
+                f"auth_token must be at most {MAX_AUTH_TOKEN_LENGTH} bytes,"
+                f" not {len(self.auth_token)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +190,9 @@ class ServerConfig(_SessionConfig):
     ``authenticator(token, client_public_key, client_address)`` returns the client's role
     mask, or ``None`` to refuse (``AUTH_FAILED``); without one every client gets
     ``default_role``. It runs synchronously during the handshake: keep it fast.
+
+    A value no session could use (wrong type, out of the wire's range) raises ``TypeError``
+    or ``ValueError`` naming the field when the configuration is built.
     """
 
     certificate: PemSource
@@ -120,7 +201,16 @@ class ServerConfig(_SessionConfig):
     """The leaf's private key, PEM bytes or path (unencrypted)."""
     authenticator: Authenticator | None = None
     default_role: Role | int = Role.REPLICATE | Role.UPLOAD_ASSETS
+    """The role mask (unsigned 32-bit) of every client when there is no authenticator."""
     max_sessions: int = 1024
     """Connections alive at once; new ones beyond are refused by the transport."""
     max_handshakes: int = 256
     """Connections still handshaking at once."""
+
+    def __post_init__(self) -> None:
+        _SessionConfig.__post_init__(self)
+        if self.authenticator is not None and not callable(self.authenticator):
+            raise TypeError(f"authenticator must be callable, not {self.authenticator!r}")
+        _check_int("default_role", self.default_role, 0, 0xFFFF_FFFF)
+        _check_int("max_sessions", self.max_sessions, 1)
+        _check_int("max_handshakes", self.max_handshakes, 1)

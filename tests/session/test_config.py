@@ -1,0 +1,117 @@
+"""ClientConfig and ServerConfig refuse, when built, every value that would fail sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from theta import Role
+from theta.core import FrameLimits
+
+from .helpers import client_config, server_config
+
+# Values either side refuses: (overrides, exception, message pattern).
+_BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"manifest": {"A": 1}}, TypeError, "manifest entries must be str"),
+    ({"manifest": {1: "x:f32"}}, TypeError, "manifest entries must be str"),
+    ({"manifest": [("A", "x:f32")]}, TypeError, "manifest must be a mapping"),
+    ({"manifest": {"A" * 65536: ""}}, ValueError, "component name"),
+    ({"capabilities": 5}, TypeError, "capabilities must be a sequence of ints"),
+    ({"capabilities": ("a",)}, TypeError, "capability 'a' is not an int"),
+    ({"capabilities": (True,)}, TypeError, "capability True is not an int"),
+    ({"capabilities": (-1,)}, ValueError, "capability -1 is not an unsigned 32-bit value"),
+    ({"signing_key": "key"}, TypeError, "signing_key must be an Ed25519PrivateKey"),
+    ({"handshake_timeout": "5"}, TypeError, "handshake_timeout must be a number of seconds"),
+    ({"handshake_timeout": float("nan")}, ValueError, "handshake_timeout must be positive"),
+    ({"heartbeat_timeout": 0}, ValueError, "heartbeat_timeout must be positive"),
+    ({"frame_limits": 1024}, TypeError, "frame_limits must be a FrameLimits"),
+    (
+        {"frame_limits": FrameLimits(replication=64)},
+        ValueError,
+        r"frame_limits\.replication must be above 84",
+    ),
+    ({"max_asset_size": -1}, ValueError, "max_asset_size must be non-negative"),
+    ({"max_asset_size": 1.5}, TypeError, "max_asset_size must be an int"),
+    ({"asset_chunk_size": 2**20 + 1}, ValueError, r"asset_chunk_size must be in 1\.\.1048576"),
+    ({"max_buffered_asset_bytes": -5}, ValueError, "max_buffered_asset_bytes must be non-neg"),
+    ({"receive_queue": 0}, ValueError, "receive_queue must be at least 1"),
+    ({"receive_queue": 1.5}, TypeError, "receive_queue must be an int"),
+    ({"receive_queue": True}, TypeError, "receive_queue must be an int"),
+    ({"idle_timeout": -1}, ValueError, "idle_timeout must be positive"),
+    ({"idle_timeout": 0}, ValueError, "idle_timeout must be positive"),
+    ({"idle_timeout": float("inf")}, ValueError, "idle_timeout must be finite"),
+    ({"max_datagram_size": 10}, ValueError, r"max_datagram_size must be in 1200\.\.65527"),
+    ({"max_datagram_size": 65528}, ValueError, r"max_datagram_size must be in 1200\.\.65527"),
+    ({"max_datagram_size": 1500.0}, TypeError, "max_datagram_size must be an int"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "match"), _BOTH_REFUSE)
+def test_client_configuration_refuses(
+    overrides: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        client_config(**overrides)
+
+
+@pytest.mark.parametrize(("overrides", "error", "match"), _BOTH_REFUSE)
+def test_server_configuration_refuses(
+    overrides: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        server_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"capabilities": range(65)}, ValueError, "capabilities must hold at most 64 values"),
+        ({"auth_token": b"x" * 4097}, ValueError, "auth_token must be at most 4096 bytes"),
+        ({"auth_token": "token"}, TypeError, "auth_token must be bytes"),
+    ],
+)
+def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        client_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"default_role": 2**40}, ValueError, "default_role must be in 0..4294967295"),
+        ({"default_role": -1}, ValueError, "default_role must be in 0..4294967295"),
+        ({"default_role": "admin"}, TypeError, "default_role must be an int"),
+        ({"max_sessions": 0}, ValueError, "max_sessions must be at least 1"),
+        ({"max_handshakes": 0}, ValueError, "max_handshakes must be at least 1"),
+        ({"max_handshakes": -1}, ValueError, "max_handshakes must be at least 1"),
+        ({"authenticator": 3}, TypeError, "authenticator must be callable"),
+    ],
+)
+def test_server_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        server_config(**overrides)
+
+
+def test_limits_are_inclusive() -> None:
+    client = client_config(
+        capabilities=range(64),
+        auth_token=b"x" * 4096,
+        signing_key=Ed25519PrivateKey.generate(),
+        frame_limits=FrameLimits(replication=85),
+        max_asset_size=0,
+        max_buffered_asset_bytes=0,
+        receive_queue=1,
+        max_datagram_size=65527,
+    )
+    assert client.capabilities == tuple(range(64))
+    server = server_config(
+        capabilities=range(100),  # what a server supports is not sent: no limit
+        default_role=0xFFFF_FFFF,
+        max_sessions=1,
+        max_handshakes=1,
+        max_datagram_size=1200,
+    )
+    assert server.default_role == 0xFFFF_FFFF
+    assert server_config(default_role=Role.REPLICATE).default_role is Role.REPLICATE
