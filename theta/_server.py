@@ -144,17 +144,17 @@ async def _accept(
     section 4.1), so it covers the QUIC handshake too.
     """
     now = connection.created_at
-    machine = ServerHandshake(
-        schema_hash=config.schema_hash,
-        capabilities=config.capabilities,
-        signing_key=signing_key,
-        authenticator=config.authenticator,
-        default_role=config.default_role,
-        peer_address=(str(connection.remote_address[0]), int(connection.remote_address[1])),
-        now=now,
-        timeout=config.handshake_timeout,
-    )
     try:
+        machine = ServerHandshake(
+            schema_hash=config.schema_hash,
+            capabilities=config.capabilities,
+            signing_key=signing_key,
+            authenticator=config.authenticator,
+            default_role=config.default_role,
+            peer_address=(str(connection.remote_address[0]), int(connection.remote_address[1])),
+            now=now,
+            timeout=config.handshake_timeout,
+        )
         with trio.move_on_at(now + config.handshake_timeout), single_error():
             return await _handshake(connection, config, machine)
         connection.close_nowait(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timed out")

@@ -11,6 +11,7 @@ import trio
 import trio.lowlevel
 
 import theta
+import theta._server
 from theta import ErrorCode, HandshakeRejected, HandshakeTimeout, Role, Session, SessionClosed
 from theta._quic import ConnectionClosedByPeer, QuicConfig, QuicConnection, open_quic_connection
 from theta.core import (
@@ -362,3 +363,18 @@ async def test_close_validates_its_code_and_bounds_its_reason(nursery: trio.Nurs
     seen = await close_seen_by_server(nursery, close_with_a_long_reason)
     assert seen.code == 13
     assert 0 < len(seen.reason.encode()) <= 1024
+
+
+async def test_handshake_setup_failure_closes_with_internal_error(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_machine(**kwargs: object) -> theta.core.ServerHandshake:
+        raise RuntimeError("no handshake machine")
+
+    monkeypatch.setattr(theta._server, "ServerHandshake", broken_machine)
+    server = await start_server(nursery, echo)
+    with trio.fail_after(5), pytest.raises(HandshakeRejected) as info:
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            pytest.fail("the session must not be established")
+    assert info.value.code is ErrorCode.INTERNAL_ERROR  # not the QUIC layer's code 0x1
+    assert any("handshake with" in record.message for record in caplog.records)
