@@ -16,6 +16,7 @@ from theta._quic import (
     QuicConnection,
     StreamResetError,
     StreamStoppedError,
+    check_port,
     open_quic_connection,
 )
 from theta._quic import HandshakeTimeout as QuicHandshakeTimeout
@@ -49,8 +50,9 @@ async def connect(
     bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when not even
     QUIC answered), or the transport's error (e.g. the certificate was refused). Leaving
     the block closes the session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block
-    raised) and stops all its tasks.
+    raised) and stops all its tasks. ``port`` must be an ``int`` in 1..65535.
     """
+    check_port(port, allow_zero=False)
     config = config or ClientConfig()
     deadline = trio.current_time() + config.handshake_timeout
     with single_error():

@@ -19,6 +19,7 @@ from theta._quic import (
     QuicStream,
     StreamResetError,
     StreamStoppedError,
+    check_port,
     serve_quic,
 )
 from theta._session import Session
@@ -84,8 +85,10 @@ async def serve(
     with ``HANDSHAKE_TIMEOUT``), then ``await handler(session)`` inside the session's
     nursery. A handler returning closes its session with ``NO_ERROR``; raising closes only
     that session with ``INTERNAL_ERROR`` (and is logged). Cancellation closes every
-    session with ``GOING_AWAY`` before the socket closes.
+    session with ``GOING_AWAY`` before the socket closes. ``port`` must be an ``int`` in
+    0..65535 (0: any free port).
     """
+    check_port(port, allow_zero=True)
     sessions: set[Session] = set()
     handshaking: set[QuicConnection] = set()
     signing_key = config.signing_key or Ed25519PrivateKey.generate()

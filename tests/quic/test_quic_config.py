@@ -16,9 +16,10 @@ from theta._quic import (
     TransportError,
     _engine,
     open_quic_connection,
+    serve_quic,
 )
 
-from .quic_helpers import client_config, echo_handler, start_server
+from .quic_helpers import client_config, echo_handler, server_config, start_server
 
 
 async def _roundtrip(connection: QuicConnection) -> None:
@@ -75,6 +76,23 @@ def test_config_validation() -> None:
     assert QuicConfig(max_datagram_size=65527).max_datagram_size == 65527
     with pytest.raises(ValueError, match="idle_timeout"):
         QuicConfig(idle_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("port", "error"), [(0, ValueError), (65536, ValueError), (-1, ValueError), ("1", TypeError)]
+)
+async def test_client_port_must_be_a_udp_port(port: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="port must be"):
+        async with open_quic_connection("127.0.0.1", port, client_config()):  # type: ignore[arg-type]
+            pytest.fail("must not connect")  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("port", "error"), [(65536, ValueError), (-1, ValueError), (True, TypeError), (1.0, TypeError)]
+)
+async def test_server_port_must_be_a_udp_port(port: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="port must be"):
+        await serve_quic(echo_handler, "127.0.0.1", port, server_config())  # type: ignore[arg-type]
 
 
 async def test_peer_unidirectional_stream_is_refused(nursery: trio.Nursery) -> None:

@@ -8,7 +8,7 @@ the exceptions. Nothing outside ``_engine`` imports the QUIC engine.
 
 from ._api import ConnectionHandler, QuicServer, open_quic_connection, serve_quic
 from ._certs import SelfSignedCertificate, generate_self_signed_certificate
-from ._config import ALPN, QuicConfig
+from ._config import ALPN, QuicConfig, check_port
 from ._connection import QuicConnection
 from ._errors import (
     ConnectionClosedByPeer,
@@ -41,6 +41,7 @@ __all__ = [
     "StreamResetError",
     "StreamStoppedError",
     "TransportError",
+    "check_port",
     "generate_self_signed_certificate",
     "open_quic_connection",
     "serve_quic",

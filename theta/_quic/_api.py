@@ -18,7 +18,7 @@ import trio
 from theta._groups import single_error
 
 from . import _engine
-from ._config import QuicConfig
+from ._config import QuicConfig, check_port
 from ._connection import QuicConnection
 from ._endpoint import Address, UdpEndpoint, open_udp_socket
 
@@ -48,7 +48,9 @@ async def open_quic_connection(
     rejected) if the handshake fails. On a normal exit it first waits (at most
     ``idle_timeout``) until the peer has acknowledged everything sent; on any exit it
     closes with code 0 without waiting out the closing period, then closes the socket.
+    ``port`` must be an ``int`` in 1..65535.
     """
+    check_port(port, allow_zero=False)
     family, addr = await _resolve(host, port)
     bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
     configuration = _engine.build_configuration(config, is_client=True, server_name=host)
@@ -141,8 +143,10 @@ async def serve_quic(
     has acknowledged everything sent, then closes with code 0 without waiting out the
     closing period; if the handler raises, the exception is logged and the connection
     closed with code 1 at once. Caps and what
-    happens beyond them are described in ``theta._quic._endpoint``.
+    happens beyond them are described in ``theta._quic._endpoint``. ``port`` must be an
+    ``int`` in 0..65535 (0: any free port).
     """
+    check_port(port, allow_zero=True)
     configuration = _engine.build_configuration(config, is_client=False)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:

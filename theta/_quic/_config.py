@@ -19,6 +19,19 @@ PemSource = bytes | str | Path
 """PEM data as ``bytes``, or the path of a PEM file as ``str`` or ``Path``."""
 
 
+def check_port(port: object, *, allow_zero: bool) -> None:
+    """Refuse a ``port`` that is not an ``int`` (``TypeError``) or not a UDP port
+    (``ValueError``): 1..65535, or 0..65535 with ``allow_zero`` (0: any free port).
+
+    ``getaddrinfo`` would silently take a port above 65535 modulo 65536.
+    """
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port must be an int, not {port!r}")
+    lowest = 0 if allow_zero else 1
+    if not lowest <= port <= 0xFFFF:
+        raise ValueError(f"port must be in {lowest}..65535, not {port}")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class QuicConfig:
     """Everything the driver needs to know to run one endpoint (client or server).
