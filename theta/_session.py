@@ -223,8 +223,13 @@ class Session:
         had to retransmit; with nothing to wait for, the close is immediate.
         Idempotent; returns once the session's tasks are stopping.
 
-        ``code`` is a wire error code (0..65535); ``reason`` is cut to 1 KiB of UTF-8.
+        ``code`` is a wire error code, an ``int`` in 0..65535; ``reason`` is a ``str``, cut to
+        1 KiB of UTF-8. Anything else raises ``TypeError``/``ValueError`` and closes nothing.
         """
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise TypeError(f"close code must be an int, not {code!r}")
+        if not isinstance(reason, str):
+            raise TypeError(f"close reason must be a str, not {type(reason).__name__}")
         code = int(code)
         if not 0 <= code <= 0xFFFF:
             raise ValueError(f"close code {code} is not an unsigned 16-bit value")

@@ -357,6 +357,12 @@ async def test_close_validates_its_code_and_bounds_its_reason(nursery: trio.Nurs
     async def close_with_a_long_reason(session: Session) -> None:
         with pytest.raises(ValueError, match="16-bit"):
             await session.close(70000)
+        with pytest.raises(TypeError, match="close code must be an int"):
+            await session.close(1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="close reason must be a str"):
+            await session.close(0, None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="close reason must be a str"):
+            await session.close(0, b"bytes")  # type: ignore[arg-type]
         assert session.closed is None
         await session.close(13, "ж" * 20000)
 
