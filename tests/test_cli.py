@@ -200,3 +200,21 @@ def test_demo_runs_and_prints_a_summary() -> None:
     assert "summary after" in result.stdout
     assert "client" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    result = theta(
+        "echo-server", "--listen", "127.0.0.1:0", "--cert", str(cert), "--key", str(key),
+        "--heartbeat-interval", "6",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "theta echo-server: error: --heartbeat-interval must be shorter than --heartbeat-timeout"
+    ]
+    many = [arg for value in range(1, 65) for arg in ("--capability", str(value))]
+    result = theta("echo-client", "--connect", "127.0.0.1:1", "--ca", str(cert), *many)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "theta echo-client: error: --capability (plus zstd) must hold at most 64 values, not 65"
+    ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -40,6 +42,7 @@ __all__ = [
     "load_manifest",
     "read_pem",
     "run",
+    "session_config",
 ]
 
 EXIT_OK = 0
@@ -176,6 +179,28 @@ def load_manifest(path: str | None) -> dict[str, str]:
         if len(name.encode("utf-8", "surrogatepass")) > 0xFFFF:
             raise CommandFailed(f"invalid --manifest {path}: component name too long", EXIT_USAGE)
     return data
+
+
+_T = TypeVar("_T")
+
+# Configuration fields set from options, and the options that set them.
+_OPTIONS = {
+    "capabilities": "--capability (plus zstd)",
+    "handshake_timeout": "--handshake-timeout",
+    "heartbeat_interval": "--heartbeat-interval",
+    "heartbeat_timeout": "--heartbeat-timeout",
+}
+_FIELDS = re.compile(r"\b(" + "|".join(_OPTIONS) + r")\b")
+
+
+def session_config(build: Callable[[], _T]) -> _T:
+    """``build()`` a session configuration; a value it refuses (``ValueError``) is a usage
+    error, told with option names rather than field names."""
+    try:
+        return build()
+    except ValueError as error:
+        message = _FIELDS.sub(lambda match: _OPTIONS[match[1]], str(error))
+        raise CommandFailed(message, EXIT_USAGE) from None
 
 
 def read_pem(path: str, option: str) -> bytes:

@@ -19,6 +19,7 @@ from theta._cli._common import (
     load_manifest,
     read_pem,
     run,
+    session_config,
 )
 
 __all__ = ["echo_client", "echo_server"]
@@ -65,14 +66,16 @@ async def echo_handler(session: theta.Session) -> None:
 
 def echo_server(args: argparse.Namespace) -> int:
     """Validate the arguments, then serve until interrupted."""
-    config = theta.ServerConfig(
-        certificate=read_pem(args.cert, "--cert"),
-        private_key=read_pem(args.key, "--key"),
-        manifest=load_manifest(args.manifest),
-        capabilities=capabilities(args.capability),
-        handshake_timeout=args.handshake_timeout,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
+    config = session_config(
+        lambda: theta.ServerConfig(
+            certificate=read_pem(args.cert, "--cert"),
+            private_key=read_pem(args.key, "--key"),
+            manifest=load_manifest(args.manifest),
+            capabilities=capabilities(args.capability),
+            handshake_timeout=args.handshake_timeout,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+        )
     )
 
     async def main() -> int:
@@ -161,12 +164,14 @@ async def _send(session: theta.Session, tally: _Tally) -> None:
 
 def echo_client(args: argparse.Namespace) -> int:
     """Send random messages and one random asset; check that they all come back intact."""
-    config = theta.ClientConfig(
-        ca_certs=read_pem(args.ca, "--ca"),
-        server_name=args.server_name,
-        manifest=load_manifest(args.manifest),
-        capabilities=capabilities(args.capability),
-        handshake_timeout=args.handshake_timeout,
+    config = session_config(
+        lambda: theta.ClientConfig(
+            ca_certs=read_pem(args.ca, "--ca"),
+            server_name=args.server_name,
+            manifest=load_manifest(args.manifest),
+            capabilities=capabilities(args.capability),
+            handshake_timeout=args.handshake_timeout,
+        )
     )
     first_tick = secrets.randbelow(2**32)
     messages = {
