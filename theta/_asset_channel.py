@@ -39,6 +39,7 @@ class AssetChannel(DataChannel[AssetProgress]):
 
     _permission = Role.UPLOAD_ASSETS
     _action = "upload assets"
+    _name = "assets channel"
 
     def __init__(
         self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
@@ -130,7 +131,7 @@ class AssetChannel(DataChannel[AssetProgress]):
 
     def __aiter__(self) -> ReceiveIterator[Asset]:
         """``async for asset in session.assets``: whole assets, see :class:`ReceiveIterator`."""
-        return ReceiveIterator(self.receive)
+        return ReceiveIterator(self.receive, self)
 
     async def receive_chunk(self) -> AssetProgress:
         """The next validated chunk (offset, data, whether it completes its asset)."""

@@ -6,7 +6,7 @@ import abc
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
@@ -24,12 +24,16 @@ _GRACEFUL = frozenset({ErrorCode.NO_ERROR, ErrorCode.GOING_AWAY})
 
 
 class ReceiveIterator(Generic[U]):
-    """``async for`` over a channel: ends when the peer finishes its direction or the
-    session closes gracefully (``NO_ERROR``/``GOING_AWAY``); a session that ends with an
-    error raises its :class:`~theta.SessionClosed`. Safe to leave early."""
+    """``async for`` over a channel: ends when the peer finished its direction (every
+    message it sent has been delivered) or when this side closed the session gracefully
+    (``NO_ERROR``/``GOING_AWAY``). Otherwise the session's :class:`~theta.SessionClosed`
+    is raised: the session ended with an error, or the peer's close came before the end
+    of its direction reached the application (what it sent may be lost). Safe to leave
+    early."""
 
-    def __init__(self, receive: Callable[[], Awaitable[U]]) -> None:
+    def __init__(self, receive: Callable[[], Awaitable[U]], channel: DataChannel[Any]) -> None:
         self._receive = receive
+        self._channel = channel
 
     def __aiter__(self) -> ReceiveIterator[U]:
         return self
@@ -40,7 +44,7 @@ class ReceiveIterator(Generic[U]):
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
         except SessionClosed as closed:
-            if closed.code in _GRACEFUL:
+            if closed.code in _GRACEFUL and (self._channel._end_received or not closed.by_peer):
                 raise StopAsyncIteration from None
             raise
 
@@ -56,6 +60,7 @@ class DataChannel(abc.ABC, Generic[T]):
 
     _permission: Role
     _action: str
+    _name: str
 
     def __init__(self, session: Session, framed: FramedStream, queue_size: int) -> None:
         self._session = session
@@ -63,6 +68,7 @@ class DataChannel(abc.ABC, Generic[T]):
         self._inbox_send, self._inbox = trio.open_memory_channel[T](queue_size)
         self._drained = trio.Event()
         """Set once the peer's direction ended (or the reader stopped)."""
+        self._end_received = False  # the peer's FIN, on a frame boundary
         self._carried_data = False  # whether the application sent anything on it
         self._finished = False  # finish() was called: this side's direction is over
 
@@ -89,11 +95,19 @@ class DataChannel(abc.ABC, Generic[T]):
 
     async def _next(self) -> T:
         try:
-            return await self._inbox.receive()
+            item = await self._inbox.receive()
         except trio.EndOfChannel:
-            if self._session.closed is not None:
-                raise self._session.closed from None
-            raise
+            closed = self._session.closed
+            if closed is None:
+                raise
+            if self._end_received:
+                raise closed from None
+            error = SessionClosed(closed.code, closed.reason, by_peer=closed.by_peer)
+            error.add_note(f"the session ended before the peer finished its {self._name}")
+            raise error from None
+        if self._session.closed is not None:
+            self._session._application_progress()
+        return item
 
     async def finish(self) -> None:
         """End this side's direction (FIN); the peer's direction stays open. Sending
@@ -127,14 +141,24 @@ class DataChannel(abc.ABC, Generic[T]):
             await self._read_until_end()
         finally:
             self._drained.set()
+            self._session._application_progress()
 
     async def _read_until_end(self) -> None:
         while True:
             message = await self._framed.receive()
             if message is None:
                 self._end_of_stream()
+                self._end_received = True
                 self._inbox_send.close()
                 return
             if not self._session.is_client and not self._session.role & self._permission:
                 raise PermissionDenied(f"this client's role does not allow it to {self._action}")
             await self._inbox_send.send(self._accept(message))
+            if self._session.closed is not None:
+                self._session._application_progress()
+
+    def _settled(self, *, emptied: bool) -> bool:
+        """Whether the reader has stopped (and, if ``emptied``, the inbox is empty)."""
+        if not self._drained.is_set():
+            return False
+        return not emptied or self._inbox.statistics().current_buffer_used == 0

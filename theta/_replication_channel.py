@@ -38,6 +38,7 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
 
     _permission = Role.REPLICATE
     _action = "send replication messages"
+    _name = "replication channel"
 
     def __init__(
         self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
@@ -89,7 +90,7 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
 
     def __aiter__(self) -> ReceiveIterator[ReplicationMessage]:
         """``async for message in session.replication``: see :class:`ReceiveIterator`."""
-        return ReceiveIterator(self.receive)
+        return ReceiveIterator(self.receive, self)
 
     def _accept(self, message: Message) -> ReplicationMessage:
         assert isinstance(message, ReplicationMessage)  # the decoder checked the type

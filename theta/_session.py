@@ -27,6 +27,7 @@ from theta._quic import (
     ConnectionClosedByPeer,
     QuicConnection,
     QuicConnectionError,
+    QuicStream,
     StreamResetError,
     StreamStoppedError,
 )
@@ -52,7 +53,10 @@ __all__ = ["Session"]
 logger = logging.getLogger("theta")
 T = TypeVar("T")
 
-_CLOSE_GRACE = 1.0  # longest wait for a SessionClose to be acknowledged before the QUIC close
+# Closing waits for data still on its way (acknowledgements of what this side sent, the
+# application taking what the peer sent) as long as it keeps moving: each _CLOSE_GRACE
+# seconds must see progress. A SessionClose alone is waited for at most this long.
+_CLOSE_GRACE = 1.0
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 _MAX_QUIC_REASON = 200  # bytes of the QUIC CONNECTION_CLOSE reason phrase
 
@@ -115,6 +119,8 @@ class Session:
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
+        self._progress = trio.Event()  # set when received data moves after the close
+        self._has_handler = False  # a server's handler runs in run(): see _peer_closed
         # The heartbeat sender sleeps in this scope until its timer; the reader moves the
         # deadline when it has sent a heartbeat itself.
         self._sender_wait = trio.CancelScope()
@@ -217,11 +223,15 @@ class Session:
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session: ``SessionClose{code, reason}`` to the peer, FIN on every
-        stream, then the QUIC close with the same code. What the application sent on the
-        replication and assets channels is acknowledged by the peer before the QUIC close
-        (for at most a second), and so is the ``SessionClose`` once the connection has
-        had to retransmit; with nothing to wait for, the close is immediate.
-        Idempotent; returns once the session's tasks are stopping.
+        stream, then the QUIC close with the same code. With ``NO_ERROR``, what the
+        application sent on the replication and assets channels is acknowledged by the
+        peer before the QUIC close, however long that takes while acknowledgements keep
+        coming (a slow reader on the other side gets everything); the wait ends when a
+        second passes without any, and what is left unacknowledged then is logged as
+        abandoned (``WARNING``). Other codes wait at most a second. The ``SessionClose``
+        too is waited for once the connection has had to retransmit; with nothing to
+        wait for, the close is immediate. Idempotent; returns once the session's tasks
+        are stopping.
 
         ``code`` is a wire error code, an ``int`` in 0..65535; ``reason`` is a ``str``, cut to
         1 KiB of UTF-8. Anything else raises ``TypeError``/``ValueError`` and closes nothing.
@@ -237,12 +247,13 @@ class Session:
         if self._closed is None:
             self._record_close(code, reason, by_peer=False)
             try:
-                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
+                with trio.CancelScope(shield=True):
                     try:
-                        await self._control.send(SessionClose(code, reason))
-                        await self._control.send_eof()
-                        await self.replication._finish_quietly()
-                        await self.assets._finish_quietly()
+                        with trio.move_on_after(_CLOSE_GRACE):
+                            await self._control.send(SessionClose(code, reason))
+                            await self._control.send_eof()
+                            await self.replication._finish_quietly()
+                            await self.assets._finish_quietly()
                         # The peer's QUIC stack has what was sent once it acknowledged it.
                         # Channels that carried no application data need no wait, nor does
                         # the SessionClose on a clean path (the QUIC close repeats its code);
@@ -257,12 +268,31 @@ class Session:
                         if engine.lost_packets or engine.probe_timeouts:
                             awaited.append(self._control.stream)
                         if awaited:
-                            await self._connection.wait_acknowledged(awaited)
+                            await self._wait_acknowledged(awaited, patient=code == 0)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             finally:
                 self._close_connection()
         self._cancel_scope.cancel()
+
+    async def _wait_acknowledged(self, streams: list[QuicStream], *, patient: bool) -> None:
+        """Wait until the peer acknowledged everything sent on ``streams``: for as long as
+        acknowledgements keep coming if ``patient``, else for :data:`_CLOSE_GRACE`."""
+        unacknowledged = sum(stream.unacked_bytes() for stream in streams)
+        while True:
+            with trio.move_on_after(_CLOSE_GRACE) as waited:
+                await self._connection.wait_acknowledged(streams)
+            if not waited.cancelled_caught:
+                return
+            left = sum(stream.unacked_bytes() for stream in streams)
+            if not patient or left >= unacknowledged:
+                logger.warning(
+                    "session %#x: closing with %d bytes sent but not acknowledged by the peer",
+                    self.session_id,
+                    left,
+                )
+                return
+            unacknowledged = left
 
     def _close_connection(self) -> None:
         """Close QUIC with the session's code (idempotent: the first close counts)."""
@@ -284,18 +314,35 @@ class Session:
         self.replication._session_closed()
         self.assets._session_closed()
 
+    def _application_progress(self) -> None:
+        """Received data moved (into an inbox, or to the application) after the close."""
+        self._progress.set()
+        self._progress = trio.Event()
+
     async def _peer_closed(self, code: int, reason: str) -> None:
-        """The peer ended the session: stop sending, but let the data already on its way
-        (up to the peer's FIN on each data stream) reach the inboxes, for a moment; a
-        handler then gets a moment more to consume them before it is cancelled."""
+        """The peer ended the session: stop sending, but deliver the data already on its
+        way, up to the peer's FIN on each data stream, for as long as it keeps moving
+        (:data:`_CLOSE_GRACE`); a handler must also have taken it all from the inboxes
+        (a client reads what is left after the session's end). The handler then gets
+        :data:`_CLOSE_GRACE` more before it is cancelled."""
         if self._closed is not None:
             return
         self._closed = SessionClosed(code, reason, by_peer=True)
         self._closed_event.set()
+        emptied = self._has_handler
+        channels = (self.replication, self.assets)
+        streams = [channel._framed.stream for channel in channels]
+        arrived = sum(stream.bytes_received for stream in streams)
         try:
-            with trio.move_on_after(_CLOSE_GRACE):
-                await self.replication._drained.wait()
-                await self.assets._drained.wait()
+            while not all(channel._settled(emptied=emptied) for channel in channels):
+                with trio.move_on_after(_CLOSE_GRACE) as waited:
+                    await self._progress.wait()
+                if waited.cancelled_caught:
+                    # Nothing taken: still moving if bytes arrive (a large asset chunk on a
+                    # slow path); otherwise the application has stopped taking.
+                    before, arrived = arrived, sum(stream.bytes_received for stream in streams)
+                    if arrived == before:
+                        break
         finally:
             self._record_close(code, reason, by_peer=True)
             self._close_connection()
@@ -361,6 +408,7 @@ class Session:
         with ``INTERNAL_ERROR`` and the exception is logged, not propagated. Cancellation
         from outside closes the session with ``GOING_AWAY``.
         """
+        self._has_handler = handler is not None
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:

@@ -263,6 +263,65 @@ async def test_data_sent_before_a_graceful_close_is_delivered(nursery: trio.Nurs
     assert received == list(range(1, 201))
 
 
+@pytest.fixture
+def short_close_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Closing gives up after 0.2 s without progress (1 s by default)."""
+    monkeypatch.setattr(theta._session, "_CLOSE_GRACE", 0.2)
+    return 0.2
+
+
+async def test_a_slow_handler_gets_everything_sent_before_the_close(
+    nursery: trio.Nursery, short_close_grace: float
+) -> None:
+    """The client sends 1.2 MB (beyond the server's 1 MiB window) and leaves at once; the
+    handler takes ≥ 0.5 ms per message, ≥ 0.3 s in all: longer than the close grace, but
+    the data keeps moving, so both sides wait for it."""
+    received: list[int] = []
+    ends = SessionEnds()
+
+    async def slow_sink(session: Session) -> None:
+        async for message in session.replication:
+            received.append(message.tick)
+            await trio.sleep(0.0005)  # a slow consumer
+        await ends.handler(session)
+
+    server = await start_server(nursery, slow_sink)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send_many([(tick, os.urandom(2000)) for tick in range(600)])
+        (seen,) = await ends.wait()
+    assert received == list(range(600))
+    assert seen.code == ErrorCode.NO_ERROR
+
+
+async def test_data_the_application_never_took_is_reported(
+    nursery: trio.Nursery, short_close_grace: float
+) -> None:
+    """The server sends more than the client's buffers hold and leaves; the client takes
+    nothing for a while: its iteration then raises instead of ending quietly."""
+
+    async def send_and_leave(session: Session) -> None:
+        # Incompressible: 3 MB, beyond the client's 1 MiB window and queue.
+        await session.replication.send_many([(tick, os.urandom(1000)) for tick in range(3000)])
+
+    server = await start_server(nursery, send_and_leave)
+    taken: list[ReplicationMessage] = []
+
+    async def take_all(session: Session) -> None:
+        async for message in session.replication:
+            taken.append(message)
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            # Not taking anything: the server gives up waiting for acknowledgements.
+            await session._connection.terminated.wait()
+            with pytest.raises(SessionClosed) as info:
+                await take_all(session)
+    assert 0 < len(taken) < 3000
+    assert (info.value.code, info.value.by_peer) == (ErrorCode.NO_ERROR, True)
+    assert "before the peer finished its replication channel" in str(info.value.__notes__)
+
+
 async def test_assets_iterate_until_the_peer_finishes(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     with trio.fail_after(10):

@@ -47,6 +47,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._eof = False
         self._receive_error: BaseException | None = None
         self._receiving = False
+        self.bytes_received = 0
+        """Stream bytes received from the peer so far (read or not)."""
         # Waiters re-check the stream's state before parking: lots are reusable, where
         # an Event per wait would be one more object per frame for the collector.
         self._readable = trio.lowlevel.ParkingLot()
@@ -204,6 +206,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def _on_data(self, data: bytes, end_stream: bool) -> None:
         if data and not self._closed:
             self._buffer += data
+            self.bytes_received += len(data)
         if end_stream:
             self._eof = True
         self._readable.unpark_all()
