@@ -28,7 +28,9 @@ from .quic_helpers import (
     client_config,
     count_tasks,
     digest_handler,
+    echo_stream,
     payload,
+    read_all,
     send_in_chunks,
     server_config,
     start_server,
@@ -361,3 +363,34 @@ async def test_nothing_is_accepted_for_sending_once_closing(echo_server: QuicSer
                 await stream.send_eof()
             with pytest.raises(trio.ClosedResourceError):
                 await conn.open_stream()
+
+
+async def test_open_stream_waits_for_the_peers_stream_limit(nursery: trio.Nursery) -> None:
+    async def one_at_a_time(connection: QuicConnection) -> None:
+        await echo_stream(await connection.accept_stream())
+        await echo_stream(await connection.accept_stream())
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, one_at_a_time, max_concurrent_peer_streams=1)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+            first = await connection.open_stream()
+            await first.send_all(b"first")
+            opened: list[QuicStream] = []
+
+            async def open_second() -> None:
+                opened.append(await connection.open_stream())
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(open_second)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert opened == []  # the peer allows one stream at a time
+                await first.send_eof()
+                assert await read_all(first) == b"first"  # the first stream is over...
+            second = opened[0]  # ... so the peer allowed the second
+            await second.send_all(b"second")
+            assert await second.receive_some() == b"second"
+            await second.reset(3)  # a stream the peer allowed: the connection lives on
+            ping = await connection.open_stream()  # the reset stream freed its place
+            await ping.send_all(b"x")
+            assert connection.error is None

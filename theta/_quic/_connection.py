@@ -85,6 +85,7 @@ class QuicConnection:
             math.inf  # bounded by the engine's MAX_STREAMS limit
         )
         self._blocked_writers: set[QuicStream] = set()
+        self._stream_credit = trio.lowlevel.ParkingLot()  # open_stream() beyond MAX_STREAMS
         self._inbox: list[tuple[bytes, Address]] = []
         self._wake_pending = False
         self._parked: trio.lowlevel.Task | None = None  # the driver task, while parked
@@ -118,9 +119,13 @@ class QuicConnection:
         return self._endpoint.local_address
 
     async def open_stream(self) -> QuicStream:
-        """Open a new bidirectional stream (the peer sees it when data or FIN is sent)."""
+        """Open a new bidirectional stream (the peer sees it when data or FIN is sent);
+        waits while the peer's MAX_STREAMS limit allows no more."""
         await trio.lowlevel.checkpoint()
         self._raise_if_over()
+        while not self._quic.can_open_stream():
+            await self._stream_credit.park()  # woken each round and at termination
+            self._raise_if_over()
         stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
         # An empty write creates the stream in the engine now (and advances its next id)
         # without sending anything: the peer learns of it with the first data or FIN.
@@ -267,6 +272,8 @@ class QuicConnection:
                 delivered = self._route_events()
                 if self.terminated.is_set():
                     return
+                if self._stream_credit:  # they check the peer's limit themselves
+                    self._stream_credit.unpark_all()
                 if delivered:
                     await self._let_writers_write(_ANSWER_PASSES)
                     if self.terminated.is_set():
@@ -475,6 +482,7 @@ class QuicConnection:
             stream._on_connection_error(error)
         self._accept_send.close()
         self._blocked_writers.clear()
+        self._stream_credit.unpark_all()
         self._inbox.clear()
         self._acknowledged.set()
         self._endpoint.timers.cancel(self)

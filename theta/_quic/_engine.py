@@ -15,7 +15,8 @@ names:
   statistics read-out (RTT, congestion window, losses); it also shares aioquic's
   per-connection frame-handler table between connections (fewer objects for the garbage
   collector). These touch private attributes of aioquic 1.7.2
-  (``QuicStreamSender._buffer_start/_buffer_stop``, ``_write_stream_limits``,
+  (``QuicStreamSender._buffer_start/_buffer_stop``, ``_write_stream_limits``, the stream
+  limits ``_local_next_stream_id_bidi``/``_remote_max_streams_bidi``,
   ``QuicPacketRecovery`` fields, ``QuicConnection.__frame_handlers``) and are pinned by
   ``tests/quic/test_quic_engine.py``.
 """
@@ -395,6 +396,12 @@ class EngineConnection(_AioquicConnection):
             buf.push_uint_var(sid)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def can_open_stream(self) -> bool:
+        """Whether the peer's MAX_STREAMS allows this side one more bidirectional stream
+        now (aioquic would create it anyway, blocked, and still write RESET_STREAM or
+        STOP_SENDING frames for it, which the peer treats as STREAM_LIMIT_ERROR)."""
+        return self._local_next_stream_id_bidi >> 2 < self._remote_max_streams_bidi
 
     def close_with_transport_error(self, code: int, reason: str) -> None:
         """Close with a QUIC transport error ``code`` (``close`` sends an application one)."""
