@@ -394,3 +394,50 @@ async def test_open_stream_waits_for_the_peers_stream_limit(nursery: trio.Nurser
             ping = await connection.open_stream()  # the reset stream freed its place
             await ping.send_all(b"x")
             assert connection.error is None
+
+
+async def test_unaccepted_peer_streams_hold_their_places(nursery: trio.Nursery) -> None:
+    """A peer stream finished inside the engine (data, FIN, STOP_SENDING) still counts
+    against MAX_STREAMS until the application has closed it: what a peer can make this
+    side buffer stays within max_concurrent_peer_streams x stream_receive_window."""
+    window, places = 16 * 1024, 4
+    server_side: list[QuicConnection] = []
+    release = trio.Event()
+
+    async def slow_to_accept(connection: QuicConnection) -> None:
+        server_side.append(connection)
+        await release.wait()
+        async with await connection.accept_stream():
+            pass  # one place freed
+        await connection.terminated.wait()
+
+    server = await start_server(
+        nursery, slow_to_accept, stream_receive_window=window, max_concurrent_peer_streams=places
+    )
+    opened = 0
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+
+            async def upload_and_leave() -> None:
+                nonlocal opened
+                while True:
+                    stream = await connection.open_stream()
+                    opened += 1
+                    await stream.send_all(bytes(window))
+                    await stream.send_eof()
+                    await connection.wait_acknowledged([stream])
+                    await stream.aclose()  # STOP_SENDING: the stream finishes in the engine
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(upload_and_leave)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                peer = server_side[0]
+                assert opened == places
+                assert peer.pending_streams == places
+                assert sum(len(stream._buffer) for stream in peer._streams.values()) <= (
+                    places * window
+                )
+                release.set()  # the handler closes one: one more may open
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert opened == places + 1
+                inner.cancel_scope.cancel()

@@ -73,9 +73,11 @@ class QuicConfig:
     """Per-stream receive credit beyond what the application has read: bounds the
     unread bytes buffered per stream, whatever the peer does."""
     max_concurrent_peer_streams: int = 16
-    """Streams of each direction type the peer may have open at once (MAX_STREAMS). With
-    ``stream_receive_window`` it bounds the unread bytes a peer can make us buffer per
-    connection: at most ``max_concurrent_peer_streams * stream_receive_window``."""
+    """Streams of each direction type the peer may have open at once (MAX_STREAMS); a
+    bidirectional one holds its place until the application has closed or reset it,
+    accepted or not. With ``stream_receive_window`` it bounds the unread bytes a peer can
+    make us buffer per connection: at most ``max_concurrent_peer_streams *
+    stream_receive_window``."""
     stream_send_high_water: int = 1024 * 1024
     """``send_all`` blocks while a stream has more unacknowledged bytes than this."""
     congestion_control: str = "reno"

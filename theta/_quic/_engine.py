@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, TextIO
 from aioquic._buffer import Buffer
 from aioquic.quic import events as _events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import Limit as _Limit
 from aioquic.quic.connection import QuicConnection as _AioquicConnection
 from aioquic.quic.connection import QuicConnectionError, QuicConnectionState
 from aioquic.quic.packet import (
@@ -247,6 +248,26 @@ class _FrameHandlers(dict[int, tuple[Any, frozenset[Epoch]]]):
 _FRAME_HANDLERS: dict[int, tuple[str, frozenset[Epoch]]] = {}
 
 
+class _PeerStreamLimit(_Limit):
+    """The MAX_STREAMS limit on the peer's bidirectional streams, raised only by the
+    driver as the application releases streams. aioquic adds one each time a stream
+    finishes inside the engine, accepted and read or not, which would let a peer open
+    stream after stream while earlier ones wait unread: those raises are ignored."""
+
+    def __init__(self, limit: _Limit) -> None:  # no super().__init__: it sets value
+        self.frame_type, self.name = limit.frame_type, limit.name
+        self.sent, self.used = limit.sent, limit.used
+        self.granted = limit.value
+
+    @property
+    def value(self) -> int:
+        return self.granted
+
+    @value.setter
+    def value(self, _: int) -> None:
+        pass  # aioquic's own raises
+
+
 class EngineConnection(_AioquicConnection):
     """aioquic's ``QuicConnection`` plus the few figures and controls the driver needs."""
 
@@ -261,6 +282,7 @@ class EngineConnection(_AioquicConnection):
         # Initial MAX_STREAMS (aioquic hard-codes 128 and adds one per finished stream).
         for limit in (self._local_max_streams_bidi, self._local_max_streams_uni):
             limit.value = limit.sent = max_peer_streams
+        self._local_max_streams_bidi = _PeerStreamLimit(self._local_max_streams_bidi)
         self._theta_window = configuration.max_stream_data
         self._theta_consumed: dict[int, int] = {}
         self._theta_lost_packets = 0
@@ -370,8 +392,14 @@ class EngineConnection(_AioquicConnection):
         return target - stream.max_stream_data_local_sent >= self._theta_window // 2
 
     def forget_stream(self, stream_id: int) -> None:
-        """Drop the driver's bookkeeping for a finished stream."""
+        """The application is done with ``stream_id`` (closed or reset): drop the
+        driver's bookkeeping and, for a stream the peer opened, let it open another."""
         self._theta_consumed.pop(stream_id, None)
+        peer_initiated = (stream_id & 1) == self._is_client
+        if peer_initiated and not stream_id & 2:
+            limit = self._local_max_streams_bidi
+            assert isinstance(limit, _PeerStreamLimit)
+            limit.granted += 1
 
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
