@@ -121,6 +121,20 @@ async def test_hostile_datagrams_do_not_kill_the_server(nursery: trio.Nursery) -
         await _echo_once(server.port, b"new client after the storm")
 
 
+async def test_undecryptable_initials_hold_no_handshake_slot(nursery: trio.Nursery) -> None:
+    # Each forged datagram would otherwise hold one of the 8 slots for 10 s.
+    server = await start_server(nursery, echo_handler, max_handshakes=8, handshake_timeout=10)
+    rng = random.Random(7)
+    forged = 50
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker, trio.fail_after(5):
+        for _ in range(forged):  # shaped like v1 Initials, with keys nobody derived
+            header = b"\xc3" + struct.pack("!I", 1) + b"\x08" + rng.randbytes(8) + b"\x08"
+            await attacker.sendto(header + rng.randbytes(1200), server.address)
+        await _echo_once(server.port, b"a real client still gets in")  # not after 10 s
+    assert server._endpoint.dropped_datagrams >= forged
+    assert len(server.connections) <= 1  # at most the real client, closing
+
+
 async def test_version_negotiation_reply(echo_server: QuicServer) -> None:
     probe = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with probe, trio.fail_after(5):

@@ -264,6 +264,9 @@ class QuicConnection:
                         self._datagrams_received += 1
                         self._bytes_received += len(data)
                         quic.receive_datagram(data, addr, now=trio.current_time())
+                    if not self.is_client and quic.is_first_flight:
+                        self._drop_undecryptable()
+                        return
                 now = trio.current_time()
                 fired_at = None
                 if timer_at is not None and now >= timer_at:
@@ -446,6 +449,14 @@ class QuicConnection:
         connection, and QUIC's own timers decide)."""
         if not self.handshake_complete.is_set():
             self._terminate(ConnectionRefused(_INTERNAL_ERROR, "connection refused"))
+
+    def _drop_undecryptable(self) -> None:
+        """A server connection whose first datagrams held no packet that decrypts: forged
+        or corrupted. It would hold a handshake slot until the handshake timeout; drop it
+        without a word (the client of a corrupted Initial retransmits it). Anyone can
+        still build Initials that decrypt: address validation (Retry) is not done."""
+        self._endpoint.dropped_datagrams += self._datagrams_received
+        self._terminate(TransportError(_INTERNAL_ERROR, "no packet of the first datagram decrypts"))
 
     def _give_up_handshake(self) -> None:
         self._tell_peer_nowait(0, "handshake timed out")

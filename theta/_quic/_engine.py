@@ -425,6 +425,11 @@ class EngineConnection(_AioquicConnection):
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
+    @property
+    def is_first_flight(self) -> bool:
+        """True until a packet from the peer has been decrypted."""
+        return self._state is QuicConnectionState.FIRSTFLIGHT
+
     def can_open_stream(self) -> bool:
         """Whether the peer's MAX_STREAMS allows this side one more bidirectional stream
         now (aioquic would create it anyway, blocked, and still write RESET_STREAM or
