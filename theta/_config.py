@@ -203,9 +203,12 @@ class ServerConfig(_SessionConfig):
     default_role: Role | int = Role.REPLICATE | Role.UPLOAD_ASSETS
     """The role mask (unsigned 32-bit) of every client when there is no authenticator."""
     max_sessions: int = 1024
-    """Connections alive at once; new ones beyond are refused by the transport."""
+    """Connections alive at once. Beyond it the transport drops new clients' Initials
+    without a reply (no state, no crypto): such a client keeps retrying and gets in when a
+    place frees up, or fails with ``ServerUnreachable`` at its handshake timeout. No
+    ``SERVER_BUSY`` is sent, which would take a full QUIC handshake per refusal."""
     max_handshakes: int = 256
-    """Connections still handshaking at once."""
+    """Connections still handshaking at once (the same silent drop beyond it)."""
 
     def __post_init__(self) -> None:
         _SessionConfig.__post_init__(self)

@@ -87,6 +87,12 @@ async def serve(
     that session with ``INTERNAL_ERROR`` (and is logged). Cancellation closes every
     session with ``GOING_AWAY`` before the socket closes. ``port`` must be an ``int`` in
     0..65535 (0: any free port).
+
+    The handler lives no longer than its session: when the session ends by an error
+    (protocol violation, heartbeat timeout, lost connection) it is cancelled at once;
+    when the peer closes, a second after it has taken what the peer sent from the channels
+    (waited for while the handler keeps taking). Cleanup that must finish belongs under a
+    shielded cancel scope with a timeout.
     """
     check_port(port, allow_zero=True)
     sessions: set[Session] = set()
