@@ -441,3 +441,35 @@ async def test_unaccepted_peer_streams_hold_their_places(nursery: trio.Nursery) 
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 assert opened == places + 1
                 inner.cancel_scope.cancel()
+
+
+async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.Nursery) -> None:
+    high_water, window = 64 * 1024, 16 * 1024
+    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
+    read_now = trio.Event()
+
+    async def reader(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        await read_now.wait()
+        try:
+            outcome_send.send_nowait(await read_all(stream))
+        except trio.BrokenResourceError as error:
+            outcome_send.send_nowait(error)
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, reader, stream_receive_window=window)
+    config = client_config(stream_send_high_water=high_water)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, config) as connection:
+            stream = await connection.open_stream()
+            with trio.move_on_after(0.2) as waited:  # blocks at the mark, part-way
+                await stream.send_all(payload(4 * high_water))
+            assert waited.cancelled_caught
+            with pytest.raises(trio.BrokenResourceError, match="interrupted"):
+                await stream.send_all(b"more")
+            with pytest.raises(trio.BrokenResourceError, match="interrupted"):
+                await stream.send_eof()
+            await stream.aclose()
+            read_now.set()
+            result = await outcome.receive()
+    assert isinstance(result, StreamResetError)  # not a clean end after a partial message

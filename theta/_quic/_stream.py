@@ -15,7 +15,9 @@ Backpressure, both ways:
 Errors: a peer's RESET_STREAM raises :class:`StreamResetError` from ``receive_some``, a
 STOP_SENDING raises :class:`StreamStoppedError` from ``send_all``; a connection that ends
 raises its :class:`QuicConnectionError` from every operation; using a stream after
-``aclose`` raises ``trio.ClosedResourceError``.
+``aclose`` raises ``trio.ClosedResourceError``. A ``send_all`` cancelled (or failed) with
+part of its data written breaks the sending side: later sends raise
+``trio.BrokenResourceError`` and ``aclose`` resets the stream instead of sending a FIN.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         # send side
         self._eof_sent = False
         self._send_error: BaseException | None = None
+        self._send_interrupted = False  # a send_all stopped with part of its data written
         self._sending = False
         self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
@@ -95,12 +98,24 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._check_send()
             await trio.lowlevel.checkpoint()
             view = memoryview(data).cast("B")
-            while view:
-                await self._wait_writable()
-                room = self._high_water - self.unacked_bytes()
-                chunk, view = view[:room], view[room:]
-                self._connection._send_stream_data(self, bytes(chunk), end_stream=False)
-                self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
+            written = False
+            try:
+                while view:
+                    await self._wait_writable()
+                    room = self._high_water - self.unacked_bytes()
+                    chunk, view = view[:room], view[room:]
+                    self._connection._send_stream_data(self, bytes(chunk), end_stream=False)
+                    written = True
+                    self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
+            except BaseException:
+                if written and view and self._send_error is None:
+                    # Part of ``data`` is on its way: the peer must not take the stream's
+                    # end for a complete message. Later sends fail; aclose() resets.
+                    self._send_interrupted = True
+                    self._send_error = trio.BrokenResourceError(
+                        "an earlier send_all was interrupted part-way"
+                    )
+                raise
         finally:
             self._sending = False
 
@@ -139,6 +154,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         await trio.lowlevel.checkpoint()
+        if self._send_interrupted:
+            raise trio.BrokenResourceError("an earlier send_all was interrupted part-way")
         if not self._eof_sent and self._send_error is None:
             self._eof_sent = True
             self._connection._send_stream_data(self, b"", end_stream=True)
@@ -178,14 +195,19 @@ class QuicStream(trio.abc.HalfCloseableStream):
     # -- closing ----------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close both directions: FIN if still sending, STOP_SENDING if still receiving."""
+        """Close both directions: FIN if still sending, STOP_SENDING if still receiving;
+        RESET_STREAM (code 0) instead of the FIN after a ``send_all`` that was interrupted
+        part-way (the peer must not read a truncated message as a complete one)."""
         if not self._closed:
             self._closed = True
-            self._connection._close_stream(
-                self,
-                send_fin=not self._eof_sent and self._send_error is None,
-                stop_receiving=not self._eof and self._receive_error is None,
-            )
+            if self._send_interrupted:  # RESET_STREAM, not a FIN after part of a message
+                self._connection._reset_stream(self, 0)
+            else:
+                self._connection._close_stream(
+                    self,
+                    send_fin=not self._eof_sent and self._send_error is None,
+                    stop_receiving=not self._eof and self._receive_error is None,
+                )
             self._wake_all()
         await trio.lowlevel.checkpoint()
 
