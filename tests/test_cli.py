@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from theta._cli import build_parser
+
 THETA = [sys.executable, "-m", "theta"]
 TIMEOUT = 20.0  # seconds for any one command
 
@@ -218,3 +220,19 @@ def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) 
     assert result.stderr.splitlines() == [
         "theta echo-client: error: --capability (plus zstd) must hold at most 64 values, not 65"
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cert", "--days", "0"], "argument --days: expected a positive integer, got '0'"),
+        (["demo", "--rate", "0"], "argument --rate: a rate must be positive, got '0'"),
+    ],
+)
+def test_zero_is_refused_where_it_makes_no_sense(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)

@@ -20,6 +20,8 @@ from theta._cli._common import (
     describe,
     endpoint,
     fail,
+    positive_count,
+    positive_rate,
     positive_seconds,
 )
 from theta.core import (
@@ -195,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument(
         "--key-out", required=True, metavar="FILE", help="private key (PEM, created mode 0600)"
     )
-    cert.add_argument("--days", type=count, default=7, help="validity (default: %(default)s)")
+    cert.add_argument(
+        "--days", type=positive_count, default=7, help="validity (default: %(default)s)"
+    )
 
     demo = add(
         "demo",
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--rate",
-        type=positive_seconds,
+        type=positive_rate,
         default=60.0,
         metavar="N",
         help="replication messages per second (default: %(default)s)",

@@ -135,6 +135,25 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_rate(text: str) -> float:
+    """A positive rate per second (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a rate must be positive, got {text!r}")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """A positive integer (an argparse type)."""
+    value = count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """A non-negative integer (an argparse type)."""
     if not text.isdigit():
