@@ -114,11 +114,8 @@ class DataChannel(abc.ABC, Generic[T]):
         afterwards raises ``trio.ClosedResourceError`` (the session carries on);
         calling it again does nothing."""
         self._session._check_open()
-        if self._finished:
-            await trio.lowlevel.checkpoint()
-            return
-        self._finished = True
-        await self._session._guard(self._framed.send_eof)
+        self._finished = True  # no new sends from now on, even if this wait is cancelled
+        await self._session._guard(self._framed.send_eof)  # idempotent: a retry sends it
 
     async def _finish_quietly(self) -> None:
         """FIN our direction if it is still open (closing the session)."""

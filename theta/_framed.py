@@ -47,9 +47,22 @@ class FramedStream:
         await self._send_frames(encode_frame(message))
 
     async def send_many(self, messages: list[Message]) -> None:
-        """Encode ``messages`` and send them back to back in one write (they share
-        datagrams instead of waking the transport once each)."""
-        await self._send_frames(b"".join([encode_frame(message) for message in messages]))
+        """Encode ``messages`` and send them back to back in writes of up to the stream's
+        high-water mark (they share datagrams instead of waking the transport once each).
+        Cancelled, it has sent a prefix of the messages, each whole."""
+        frames = [encode_frame(message) for message in messages]
+        limit = self.stream.send_high_water
+        if sum(map(len, frames)) <= limit:
+            await self._send_frames(b"".join(frames))
+            return
+        async with self._send_lock:  # the batch stays contiguous on the stream
+            start, size = 0, 0
+            for end, frame in enumerate(frames):
+                if size and size + len(frame) > limit:
+                    await self.stream.send_whole(b"".join(frames[start:end]))
+                    start, size = end, 0
+                size += len(frame)
+            await self.stream.send_whole(b"".join(frames[start:]))
 
     async def _send_frames(self, frames: bytes) -> None:
         lock = self._send_lock

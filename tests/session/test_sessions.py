@@ -355,6 +355,49 @@ async def test_sending_after_finish_is_a_local_error(nursery: trio.Nursery) -> N
         assert (await session.wait_closed()).code == ErrorCode.NO_ERROR
 
 
+async def test_a_finish_cancelled_behind_a_blocked_send_can_be_retried(
+    nursery: trio.Nursery,
+) -> None:
+    read_now, ended = trio.Event(), trio.Event()
+
+    async def late_reader(session: Session) -> None:
+        await read_now.wait()
+        async for _ in session.replication:
+            pass
+        ended.set()  # the client's direction ended
+        await session.wait_closed()
+
+    server = await start_server(nursery, late_reader)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            batch = [(tick, os.urandom(2000)) for tick in range(1500)]  # beyond what QUIC holds
+            async with trio.open_nursery() as inner:
+                inner.start_soon(session.replication.send_many, batch)
+                await trio.testing.wait_all_tasks_blocked(
+                    cushion=0.05
+                )  # blocked, holding the stream
+                with trio.move_on_after(0.1) as waited:
+                    await session.replication.finish()
+                assert waited.cancelled_caught
+                read_now.set()
+            await session.replication.finish()  # the retry sends the FIN
+            await ended.wait()
+
+
+async def test_a_large_send_many_stays_within_the_send_bound(nursery: trio.Nursery) -> None:
+    async def sink(session: Session) -> None:
+        async for _ in session.replication:
+            pass
+
+    server = await start_server(nursery, sink)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send_many([(t, os.urandom(2000)) for t in range(3000)])
+            stream = session.replication._framed.stream
+            # Written in pieces of at most the mark, not as one 6 MB write.
+            assert stream.max_unacked_bytes <= 2 * stream.send_high_water
+
+
 async def test_send_arguments_are_checked(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, echo)
     with trio.fail_after(10):

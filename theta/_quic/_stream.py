@@ -61,6 +61,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
+        self.send_high_water = self._high_water
+        """Unacknowledged bytes at which sends block (``QuicConfig.stream_send_high_water``)."""
         self.max_unacked_bytes = 0
         """Largest unacknowledged-bytes figure seen right after a write (for tests/stats)."""
 
