@@ -53,9 +53,12 @@ __all__ = ["Session"]
 logger = logging.getLogger("theta")
 T = TypeVar("T")
 
-# Closing waits for data still on its way (acknowledgements of what this side sent, the
-# application taking what the peer sent) as long as it keeps moving: each _CLOSE_GRACE
-# seconds must see progress. A SessionClose alone is waited for at most this long.
+# Closing waits for data still on its way as long as it keeps moving, within the QUIC
+# idle timeout in all. What the peer sent: each _CLOSE_GRACE seconds must see bytes arrive
+# or the application take some. What this side sent: the peer's acknowledgements must
+# advance within a heartbeat timeout (a receiver grants credit in steps of half its
+# window, so a slow reader's progress shows only now and then). A SessionClose alone,
+# and any close with an error code, is waited for at most _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 _MAX_QUIC_REASON = 200  # bytes of the QUIC CONNECTION_CLOSE reason phrase
@@ -226,9 +229,10 @@ class Session:
         stream, then the QUIC close with the same code. With ``NO_ERROR``, what the
         application sent on the replication and assets channels is acknowledged by the
         peer before the QUIC close, however long that takes while acknowledgements keep
-        coming (a slow reader on the other side gets everything); the wait ends when a
-        second passes without any, and what is left unacknowledged then is logged as
-        abandoned (``WARNING``). Other codes wait at most a second. The ``SessionClose``
+        coming (a slow reader on the other side gets everything), within the idle timeout;
+        the wait ends when a heartbeat timeout passes without any, and what is left
+        unacknowledged then is logged as abandoned (``WARNING``). Other codes wait at most
+        a second. The ``SessionClose``
         too is waited for once the connection has had to retransmit; with nothing to
         wait for, the close is immediate. Idempotent; returns once the session's tasks
         are stopping.
@@ -276,23 +280,28 @@ class Session:
         self._cancel_scope.cancel()
 
     async def _wait_acknowledged(self, streams: list[QuicStream], *, patient: bool) -> None:
-        """Wait until the peer acknowledged everything sent on ``streams``: for as long as
-        acknowledgements keep coming if ``patient``, else for :data:`_CLOSE_GRACE`."""
+        """Wait until the peer acknowledged everything sent on ``streams``: if ``patient``,
+        for as long as acknowledgements advance within a heartbeat timeout (the idle
+        timeout in all), else for :data:`_CLOSE_GRACE`. Logs what is left behind."""
+        stall = max(_CLOSE_GRACE, self._config.heartbeat_timeout) if patient else _CLOSE_GRACE
         unacknowledged = sum(stream.unacked_bytes() for stream in streams)
-        while True:
-            with trio.move_on_after(_CLOSE_GRACE) as waited:
-                await self._connection.wait_acknowledged(streams)
-            if not waited.cancelled_caught:
-                return
-            left = sum(stream.unacked_bytes() for stream in streams)
-            if not patient or left >= unacknowledged:
-                logger.warning(
-                    "session %#x: closing with %d bytes sent but not acknowledged by the peer",
-                    self.session_id,
-                    left,
-                )
-                return
-            unacknowledged = left
+        with trio.move_on_after(self._config.idle_timeout if patient else _CLOSE_GRACE):
+            while True:
+                with trio.move_on_after(stall) as waited:
+                    await self._connection.wait_acknowledged(streams)
+                if not waited.cancelled_caught:
+                    break  # all acknowledged, or the connection is closing or over
+                left = sum(stream.unacked_bytes() for stream in streams)
+                if not patient or left >= unacknowledged:
+                    break
+                unacknowledged = left
+        left = sum(stream.unacked_bytes() for stream in streams)
+        if left:
+            logger.warning(
+                "session %#x: closing with %d bytes sent but not acknowledged by the peer",
+                self.session_id,
+                left,
+            )
 
     def _close_connection(self) -> None:
         """Close QUIC with the session's code (idempotent: the first close counts)."""
@@ -322,27 +331,18 @@ class Session:
     async def _peer_closed(self, code: int, reason: str) -> None:
         """The peer ended the session: stop sending, but deliver the data already on its
         way, up to the peer's FIN on each data stream, for as long as it keeps moving
-        (:data:`_CLOSE_GRACE`); a handler must also have taken it all from the inboxes
-        (a client reads what is left after the session's end). The handler then gets
-        :data:`_CLOSE_GRACE` more before it is cancelled."""
+        (:data:`_CLOSE_GRACE`) and within the idle timeout; a handler must also have
+        taken it all from the inboxes (a client reads what is left after the session's
+        end). The handler then gets :data:`_CLOSE_GRACE` more before it is cancelled."""
         if self._closed is not None:
             return
         self._closed = SessionClosed(code, reason, by_peer=True)
         self._closed_event.set()
         emptied = self._has_handler
         channels = (self.replication, self.assets)
-        streams = [channel._framed.stream for channel in channels]
-        arrived = sum(stream.bytes_received for stream in streams)
         try:
-            while not all(channel._settled(emptied=emptied) for channel in channels):
-                with trio.move_on_after(_CLOSE_GRACE) as waited:
-                    await self._progress.wait()
-                if waited.cancelled_caught:
-                    # Nothing taken: still moving if bytes arrive (a large asset chunk on a
-                    # slow path); otherwise the application has stopped taking.
-                    before, arrived = arrived, sum(stream.bytes_received for stream in streams)
-                    if arrived == before:
-                        break
+            with trio.move_on_after(self._config.idle_timeout):  # a trickle ends too
+                await self._wait_peer_data(channels, emptied=emptied)
         finally:
             self._record_close(code, reason, by_peer=True)
             self._close_connection()
@@ -350,6 +350,22 @@ class Session:
             self._cancel_scope.deadline = min(
                 self._cancel_scope.deadline, trio.current_time() + _CLOSE_GRACE
             )
+
+    async def _wait_peer_data(
+        self, channels: tuple[ReplicationChannel, AssetChannel], *, emptied: bool
+    ) -> None:
+        """Until every channel is settled, as long as something moves each grace."""
+        streams = [channel._framed.stream for channel in channels]
+        arrived = sum(stream.bytes_received for stream in streams)
+        while not all(channel._settled(emptied=emptied) for channel in channels):
+            with trio.move_on_after(_CLOSE_GRACE) as waited:
+                await self._progress.wait()
+            if waited.cancelled_caught:
+                # Nothing taken: still moving if bytes arrive (a large asset chunk on a
+                # slow path); otherwise the application has stopped taking.
+                before, arrived = arrived, sum(stream.bytes_received for stream in streams)
+                if arrived == before:
+                    return
 
     def _fail(self, error: ProtocolError) -> None:
         """A protocol error detected here: close the connection at once with its code.

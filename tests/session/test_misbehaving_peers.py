@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
-from theta import ErrorCode, Session
+from theta import ErrorCode, Session, SessionClosed
 from theta._quic import (
     ConnectionClosedByPeer,
     QuicConfig,
@@ -268,3 +268,38 @@ async def test_session_hello_on_a_later_stream(nursery: trio.Nursery) -> None:
         await send(await connection.open_stream(), ChannelOpen(Channel.REPLICATION))
         await send(await connection.open_stream(), machine.start(trio.current_time()))
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_a_peer_trickling_after_its_close_is_cut_off(nursery: trio.Nursery) -> None:
+    """After its SessionClose a peer sends one byte of a frame now and then: the data is
+    "still moving", but the server waits for it no longer than the idle timeout."""
+    outcome_send, outcome = trio.open_memory_channel[BaseException | None](1)
+
+    async def reader(session: Session) -> None:
+        try:
+            async for _ in session.replication:
+                pass
+        except SessionClosed as error:  # the frame never came whole
+            outcome_send.send_nowait(error)
+        else:
+            outcome_send.send_nowait(None)
+
+    server = await start_server(nursery, reader, idle_timeout=1.0)
+    async with raw_connection(server.port) as connection:
+        control, replication = await establish(connection)
+        await send(control, SessionClose(ErrorCode.NO_ERROR, "bye"))
+        await replication.send_all((10_000).to_bytes(4, "big"))  # a frame that never ends
+
+        async def trickle() -> None:
+            while True:
+                await replication.send_all(b"\x00")
+                await trio.sleep(0.05)  # a slow peer, keeping the connection busy
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trickle)
+            with trio.fail_after(3):
+                seen = await outcome.receive()
+            assert isinstance(seen, SessionClosed)
+            assert (seen.code, seen.by_peer) == (ErrorCode.NO_ERROR, True)
+            assert await closed_code(connection) == ErrorCode.NO_ERROR
+            inner.cancel_scope.cancel()
