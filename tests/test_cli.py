@@ -227,6 +227,10 @@ def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) 
     [
         (["cert", "--days", "0"], "argument --days: expected a positive integer, got '0'"),
         (["demo", "--rate", "0"], "argument --rate: a rate must be positive, got '0'"),
+        (
+            ["echo-client", "--connect", "127.0.0.1:0", "--ca", "ca.pem"],
+            "argument --connect: invalid port in '127.0.0.1:0' (1..65535)",
+        ),
     ],
 )
 def test_zero_is_refused_where_it_makes_no_sense(

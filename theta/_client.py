@@ -101,7 +101,7 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
             if isinstance(reply, SessionClose):
                 # Spec 4.6 lets a peer say SessionClose before its QUIC close, which carries
                 # the same code: the server ended the session, it did not break the protocol.
-                connection.close_nowait(reply.code, reply.reason[:200])
+                connection.close_nowait(reply.code, reply.reason)
                 raise _closed_during_handshake(reply.code, reply.reason)
             await control.send(machine.receive(reply, trio.current_time()))
             channels = []
@@ -112,10 +112,10 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
                 await stream.send(ChannelOpen(channel))
                 channels.append(stream)
         except HandshakeRejected as error:
-            connection.close_nowait(error.code, error.reason[:200])
+            connection.close_nowait(error.code, error.reason)
             raise
         except ProtocolError as error:
-            connection.close_nowait(error.code, error.reason[:200])
+            connection.close_nowait(error.code, error.reason)
             if isinstance(error, HandshakeFailed | HandshakeTimeout):
                 raise
             raise HandshakeFailed(error.reason, error.code) from None

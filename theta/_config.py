@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,10 +53,10 @@ def _check_int(
 
 
 def _check_seconds(name: str, value: object) -> None:
-    """``value`` must be a positive number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """``value`` must be a positive number of seconds (any real number but a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if not value > 0:  # also refuses NaN
+    if not float(value) > 0:  # also refuses NaN
         raise ValueError(f"{name} must be positive")
 
 
@@ -117,6 +118,7 @@ class _SessionConfig:
             )
         for name in ("handshake_timeout", "heartbeat_interval", "heartbeat_timeout"):
             _check_seconds(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.heartbeat_interval >= self.heartbeat_timeout:
             raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
         if not isinstance(self.frame_limits, FrameLimits):
@@ -132,6 +134,7 @@ class _SessionConfig:
         _check_int("max_buffered_asset_bytes", self.max_buffered_asset_bytes, 0)
         _check_int("receive_queue", self.receive_queue, 1)
         _check_seconds("idle_timeout", self.idle_timeout)
+        object.__setattr__(self, "idle_timeout", float(self.idle_timeout))
         if not math.isfinite(self.idle_timeout):
             raise ValueError("idle_timeout must be finite")
         _check_int("max_datagram_size", self.max_datagram_size)
@@ -174,8 +177,9 @@ class ClientConfig(_SessionConfig):
                 f"capabilities must hold at most {MAX_CAPABILITIES} values,"
                 f" not {len(self.capabilities)}"
             )
-        if not isinstance(self.auth_token, bytes):
-            raise TypeError(f"auth_token must be bytes, not {type(self.auth_token).__name__}")
+        if not isinstance(self.auth_token, bytes | bytearray | memoryview):
+            raise TypeError(f"auth_token must be bytes-like, not {type(self.auth_token).__name__}")
+        object.__setattr__(self, "auth_token", bytes(self.auth_token))
         if len(self.auth_token) > MAX_AUTH_TOKEN_LENGTH:
             raise ValueError(
                 f"auth_token must be at most {MAX_AUTH_TOKEN_LENGTH} bytes,"

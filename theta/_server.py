@@ -176,7 +176,7 @@ async def _accept(
                 "handshake with %s failed: %s: %s", connection.remote_address, code.name, reason
             )
         if code is not None:
-            connection.close_nowait(code, reason.encode()[:200].decode(errors="ignore"))
+            connection.close_nowait(code, reason)
     return None
 
 
@@ -283,4 +283,4 @@ async def _reject(connection: QuicConnection, control: FramedStream, reply: Sess
             await control.send_eof()
             await connection.wait_acknowledged()
     finally:  # the reject's code, even when the handshake deadline cut the grace short
-        connection.close_nowait(reply.code, reply.reason[:200])
+        connection.close_nowait(reply.code, reply.reason)

@@ -61,7 +61,6 @@ T = TypeVar("T")
 # and any close with an error code, is waited for at most _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
-_MAX_QUIC_REASON = 200  # bytes of the QUIC CONNECTION_CLOSE reason phrase
 
 
 def _truncate_utf8(text: str, limit: int) -> str:
@@ -307,7 +306,8 @@ class Session:
         """Close QUIC with the session's code (idempotent: the first close counts)."""
         assert self._closed is not None
         self._connection.close_nowait(
-            self._closed.code, _truncate_utf8(self._closed.reason, _MAX_QUIC_REASON)
+            self._closed.code,
+            self._closed.reason,  # the QUIC layer cuts it to size
         )
 
     async def wait_closed(self) -> SessionClosed:

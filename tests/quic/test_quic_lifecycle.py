@@ -473,3 +473,17 @@ async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.N
             read_now.set()
             result = await outcome.receive()
     assert isinstance(result, StreamResetError)  # not a clean end after a partial message
+
+
+async def test_a_long_close_reason_is_cut_on_a_character(nursery: trio.Nursery) -> None:
+    async def handler(connection: QuicConnection) -> None:
+        await (await connection.accept_stream()).receive_some()
+        await connection.close(7, "é" * 150)  # 300 bytes of UTF-8
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(5):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
+            await (await conn.open_stream()).send_all(b"x")
+            await conn.terminated.wait()
+    assert isinstance(conn.error, ConnectionClosedByPeer)
+    assert (conn.error.code, conn.error.reason) == (7, "é" * 100)

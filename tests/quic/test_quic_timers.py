@@ -110,3 +110,18 @@ async def test_sleepers_dropped_without_cancel_do_not_loosen_pruning() -> None:
             queue.schedule(sleeper, 10_000.0 - step)
     assert queue._live == len(sleepers)
     assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1
+
+
+async def test_pruning_keeps_one_entry_per_sleeper() -> None:
+    queue = TimerQueue()
+    woken: list[tuple[str, float]] = []
+    sleeper = Recorder("one", woken)
+    queue.schedule(sleeper, 5.0)
+    queue.schedule(sleeper, 3.0)  # earlier: a second entry; the one for 5 stays
+    queue._fire(3.0)
+    queue.schedule(sleeper, 5.0)  # woken, it asks for 5 again: two entries for 5
+    queue._prune()
+    assert len(queue._heap) == queue._live == 1
+    queue._fire(5.0)
+    assert len(woken) == 2
+    assert queue._live == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -69,7 +70,7 @@ def test_server_configuration_refuses(
     [
         ({"capabilities": range(65)}, ValueError, "capabilities must hold at most 64 values"),
         ({"auth_token": b"x" * 4097}, ValueError, "auth_token must be at most 4096 bytes"),
-        ({"auth_token": "token"}, TypeError, "auth_token must be bytes"),
+        ({"auth_token": "token"}, TypeError, "auth_token must be bytes-like"),
     ],
 )
 def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -115,3 +116,26 @@ def test_limits_are_inclusive() -> None:
     )
     assert server.default_role == 0xFFFF_FFFF
     assert server_config(default_role=Role.REPLICATE).default_role is Role.REPLICATE
+
+
+def test_bytes_like_tokens_and_real_numbers_are_converted() -> None:
+    config = client_config(
+        auth_token=bytearray(b"token"),
+        handshake_timeout=Fraction(3, 2),
+        heartbeat_interval=1,
+        heartbeat_timeout=FloatSubclass(4.5),
+        idle_timeout=Fraction(30),
+    )
+    assert config.auth_token == b"token"
+    assert type(config.auth_token) is bytes  # a bytearray could change under the config
+    assert (config.handshake_timeout, config.heartbeat_interval) == (1.5, 1.0)
+    assert (config.heartbeat_timeout, config.idle_timeout) == (4.5, 30.0)
+    assert all(
+        type(value) is float
+        for value in (config.handshake_timeout, config.heartbeat_timeout, config.idle_timeout)
+    )
+    assert client_config(auth_token=memoryview(b"ab")).auth_token == b"ab"
+
+
+class FloatSubclass(float):
+    """Like numpy.float64."""

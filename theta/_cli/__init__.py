@@ -20,6 +20,7 @@ from theta._cli._common import (
     describe,
     endpoint,
     fail,
+    peer_endpoint,
     positive_count,
     positive_rate,
     positive_seconds,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--connect",
-        type=endpoint,
+        type=peer_endpoint,
         required=True,
         metavar="HOST:PORT",
         help="the server's UDP address; IPv6 as [::1]:4433",

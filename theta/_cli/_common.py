@@ -92,8 +92,17 @@ class Endpoint:
         return f"{host}:{self.port if port is None else port}"
 
 
+def peer_endpoint(text: str) -> Endpoint:
+    """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` with a port to connect to, 1..65535 (an
+    argparse type)."""
+    parsed = endpoint(text)
+    if parsed.port == 0:
+        raise argparse.ArgumentTypeError(f"invalid port in {text!r} (1..65535)")
+    return parsed
+
+
 def endpoint(text: str) -> Endpoint:
-    """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` (an argparse type)."""
+    """Parse ``HOST:PORT`` or ``[IPV6]:PORT``, port 0..65535 (an argparse type)."""
     host, sep, port_text = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:

@@ -48,6 +48,7 @@ logger = logging.getLogger("theta.quic")
 
 _INBOX_LIMIT = 4096  # datagrams queued per connection before the endpoint drops
 _INTERNAL_ERROR = 0x1
+_MAX_REASON_BYTES = 200  # of a CONNECTION_CLOSE reason phrase
 _TIMER_STEP = 1e-6  # seconds
 _COALESCE_PASSES = 32  # scheduler passes a transmit may wait for writers still writing
 _COALESCE_BYTES = 32 * 1024  # ... unless this much is already waiting
@@ -177,11 +178,15 @@ class QuicConnection:
     def close_nowait(self, code: int = 0, reason: str = "") -> None:
         """Start closing and hand the CONNECTION_CLOSE to the socket now (never blocks).
         Stream data already written goes out first (as far as congestion control allows),
-        unacknowledged: the peer may or may not receive it."""
+        unacknowledged: the peer may or may not receive it. ``reason`` is cut to
+        200 bytes of UTF-8 (the whole close must fit one datagram)."""
         if self.terminated.is_set() or self._closed_locally:
             return
         self._closed_locally = True
         self._flush_nowait(unpaced=True)  # once closing, the engine sends nothing else
+        encoded = reason.encode()
+        if len(encoded) > _MAX_REASON_BYTES:
+            reason = encoded[:_MAX_REASON_BYTES].decode(errors="ignore")  # whole characters
         try:
             self._quic.close(error_code=code, reason_phrase=reason)
         except _engine.ENGINE_ERRORS as exc:

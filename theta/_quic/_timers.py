@@ -101,12 +101,14 @@ class TimerQueue:
                 self.schedule(sleeper, sleeper.timer_deadline)
 
     def _prune(self) -> None:
-        self._heap = [
-            entry
-            for entry in self._heap
-            if (sleeper := entry[2]()) is not None and sleeper.timer_queued == entry[0]
-        ]
+        # Keep one entry per live sleeper (re-queued at a deadline it had already asked
+        # for, a sleeper can have two that match). Recounting also forgets sleepers that
+        # were garbage-collected without cancel(): _fire cannot tell whether theirs was live.
+        kept: dict[int, tuple[float, int, weakref.ref[Sleeper]]] = {}
+        for entry in self._heap:
+            sleeper = entry[2]()
+            if sleeper is not None and sleeper.timer_queued == entry[0]:
+                kept.setdefault(id(sleeper), entry)
+        self._heap = list(kept.values())
         heapify(self._heap)
-        # One entry per live sleeper is left. Recounting also forgets sleepers that were
-        # garbage-collected without cancel(): _fire cannot tell whether theirs was live.
         self._live = len(self._heap)
