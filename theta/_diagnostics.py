@@ -1,8 +1,15 @@
-"""Transport diagnostics of a session: one immutable snapshot type."""
+"""Transport diagnostics of a session: an immutable snapshot type and the iterator that
+watches a session's snapshots."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from theta._session import Session
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,3 +43,28 @@ class TransportDiagnostics:
     quic_lost_packets: int
     quic_congestion_window: int
     compression_ratio: float | None
+
+
+class DiagnosticsWatch:
+    """The async iterator behind :meth:`Session.watch_diagnostics`."""
+
+    def __init__(self, session: Session, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError("interval must be positive")
+        self._session = session
+        self._interval = interval
+        self._next_at: float | None = None
+
+    def __aiter__(self) -> DiagnosticsWatch:
+        return self
+
+    async def __anext__(self) -> TransportDiagnostics:
+        if self._next_at is not None:
+            with trio.move_on_at(self._next_at):
+                await self._session.wait_closed()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._session.closed is not None:
+            raise StopAsyncIteration
+        self._next_at = trio.current_time() + self._interval
+        return self._session.diagnostics()

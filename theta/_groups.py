@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import trio
 
-__all__ = ["single_error"]
+from theta._errors import SessionClosed
+
+__all__ = ["only_session_closed", "single_error", "split_cancelled"]
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
@@ -32,3 +34,19 @@ def single_error() -> Iterator[None]:
         if not errors:
             raise leaves[0] from None
         raise
+
+
+def only_session_closed(error: BaseException) -> bool:
+    """Whether ``error`` just reports that the session is over (possibly in a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(only_session_closed(inner) for inner in error.exceptions)
+    return isinstance(error, SessionClosed | trio.Cancelled)
+
+
+def split_cancelled(error: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``error`` as (its ``Cancelled`` part, the rest); either may be ``None``."""
+    if isinstance(error, trio.Cancelled):
+        return error, None
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)
+    return None, error

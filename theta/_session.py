@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import trio
 
 from theta._asset_channel import AssetChannel
-from theta._diagnostics import TransportDiagnostics
+from theta._diagnostics import DiagnosticsWatch, TransportDiagnostics
 from theta._errors import SessionClosed
 from theta._framed import FramedStream
+from theta._groups import only_session_closed, split_cancelled
 from theta._quic import (
     ConnectionClosedByPeer,
     QuicConnection,
@@ -69,22 +70,6 @@ def _truncate_utf8(text: str, limit: int) -> str:
     if len(encoded) <= limit:
         return text
     return encoded[:limit].decode("utf-8", errors="ignore")
-
-
-def _only_session_closed(error: BaseException) -> bool:
-    """Whether ``error`` just reports that the session is over (possibly in a group)."""
-    if isinstance(error, BaseExceptionGroup):
-        return all(_only_session_closed(inner) for inner in error.exceptions)
-    return isinstance(error, SessionClosed | trio.Cancelled)
-
-
-def _split_cancelled(error: BaseException) -> tuple[BaseException | None, BaseException | None]:
-    """``error`` as (its ``Cancelled`` part, the rest); either may be ``None``."""
-    if isinstance(error, trio.Cancelled):
-        return error, None
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(trio.Cancelled)
-    return None, error
 
 
 class Session:
@@ -457,10 +442,10 @@ class Session:
         except BaseException as error:
             # Cancellation goes on; what came with it (e.g. the SessionClosed of a task the
             # handler ran, or its failure) is dealt with here, never passed up to serve().
-            cancelled, failure = _split_cancelled(error)
+            cancelled, failure = split_cancelled(error)
             if failure is None:
                 raise  # cancelled, nothing else: run() closes the session if need be
-            if not _only_session_closed(failure):
+            if not only_session_closed(failure):
                 if not isinstance(failure, Exception):
                     raise  # KeyboardInterrupt, SystemExit
                 logger.error(
@@ -534,28 +519,3 @@ class Session:
     async def _stray_streams(self) -> None:
         await self._connection.accept_stream()
         raise ProtocolViolation("a stream beyond the three channels was opened")
-
-
-class DiagnosticsWatch:
-    """The async iterator behind :meth:`Session.watch_diagnostics`."""
-
-    def __init__(self, session: Session, interval: float) -> None:
-        if not interval > 0:
-            raise ValueError("interval must be positive")
-        self._session = session
-        self._interval = interval
-        self._next_at: float | None = None
-
-    def __aiter__(self) -> DiagnosticsWatch:
-        return self
-
-    async def __anext__(self) -> TransportDiagnostics:
-        if self._next_at is not None:
-            with trio.move_on_at(self._next_at):
-                await self._session._closed_event.wait()
-        else:
-            await trio.lowlevel.checkpoint()
-        if self._session.closed is not None:
-            raise StopAsyncIteration
-        self._next_at = trio.current_time() + self._interval
-        return self._session.diagnostics()
