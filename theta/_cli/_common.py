@@ -133,26 +133,24 @@ def capabilities(extra: list[int] | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys([CAP_ZSTD, *(extra or ())]))
 
 
-def positive_seconds(text: str) -> float:
-    """A positive number of seconds (an argparse type)."""
+def _positive_finite(text: str, invalid: str, not_positive: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{invalid} {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{not_positive}, got {text!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """A positive number of seconds (an argparse type)."""
+    return _positive_finite(text, "invalid number of seconds", "seconds must be positive")
 
 
 def positive_rate(text: str) -> float:
     """A positive rate per second (an argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a rate must be positive, got {text!r}")
-    return value
+    return _positive_finite(text, "invalid rate", "a rate must be positive")
 
 
 def positive_count(text: str) -> int:
