@@ -487,3 +487,72 @@ async def test_a_long_close_reason_is_cut_on_a_character(nursery: trio.Nursery) 
             await conn.terminated.wait()
     assert isinstance(conn.error, ConnectionClosedByPeer)
     assert (conn.error.code, conn.error.reason) == (7, "é" * 100)
+
+
+async def test_a_peer_ignoring_stop_sending_keeps_its_streams_places(
+    nursery: trio.Nursery,
+) -> None:
+    """The application closes each stream, but the peer never finishes its side (no FIN,
+    no RESET_STREAM for the STOP_SENDING): the engine still holds every one of them, so
+    their places are not given back and the peer cannot open more than the limit."""
+    places = 4
+
+    async def take_one_byte_each(connection: QuicConnection) -> None:
+        while True:
+            stream = await connection.accept_stream()
+            await stream.receive_some()
+            await stream.aclose()
+
+    server = await start_server(nursery, take_one_byte_each, max_concurrent_peer_streams=places)
+    opened: list[QuicStream] = []
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+
+            async def open_and_linger() -> None:
+                while True:
+                    stream = await connection.open_stream()
+                    engine_stream = connection._quic._streams[stream.stream_id]
+                    engine_stream.sender.reset = lambda **_: None  # type: ignore[method-assign]
+                    await stream.send_all(b"x")  # and never a FIN
+                    opened.append(stream)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(open_and_linger)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+                assert len(opened) == places
+                inner.cancel_scope.cancel()
+
+
+async def test_a_send_all_failing_on_its_last_chunk_is_interrupted(
+    nursery: trio.Nursery,
+) -> None:
+    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
+
+    async def reader(connection: QuicConnection) -> None:
+        try:
+            outcome_send.send_nowait(await read_all(await connection.accept_stream()))
+        except trio.BrokenResourceError as error:
+            outcome_send.send_nowait(error)
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, reader)
+    config = client_config(stream_send_high_water=1024)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, config) as connection:
+            stream = await connection.open_stream()
+            write = connection._quic.send_stream_data
+            writes: list[int] = []
+
+            def second_write_fails(stream_id: int, data: bytes, end_stream: bool = False) -> None:
+                if data:
+                    writes.append(len(data))
+                    if len(writes) == 2:
+                        raise ValueError("the engine refused the write")
+                write(stream_id, data, end_stream=end_stream)
+
+            connection._quic.send_stream_data = second_write_fails  # type: ignore[method-assign]
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.send_all(bytes(2000))  # the first chunk went out, the last did not
+            connection._quic.send_stream_data = write  # type: ignore[method-assign]
+            await stream.aclose()
+            assert isinstance(await outcome.receive(), StreamResetError)  # not a clean end

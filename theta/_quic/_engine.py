@@ -283,6 +283,7 @@ class EngineConnection(_AioquicConnection):
         for limit in (self._local_max_streams_bidi, self._local_max_streams_uni):
             limit.value = limit.sent = max_peer_streams
         self._local_max_streams_bidi = _PeerStreamLimit(self._local_max_streams_bidi)
+        self._theta_released: set[int] = set()  # peer streams closed by the application
         self._theta_window = configuration.max_stream_data
         self._theta_consumed: dict[int, int] = {}
         self._theta_lost_packets = 0
@@ -393,13 +394,33 @@ class EngineConnection(_AioquicConnection):
 
     def forget_stream(self, stream_id: int) -> None:
         """The application is done with ``stream_id`` (closed or reset): drop the
-        driver's bookkeeping and, for a stream the peer opened, let it open another."""
+        driver's bookkeeping. A stream the peer opened gives its place back once the
+        engine is done with it too (a peer ignoring STOP_SENDING keeps it busy)."""
         self._theta_consumed.pop(stream_id, None)
         peer_initiated = (stream_id & 1) == self._is_client
         if peer_initiated and not stream_id & 2:
-            limit = self._local_max_streams_bidi
-            assert isinstance(limit, _PeerStreamLimit)
-            limit.granted += 1
+            self._theta_released.add(stream_id)
+            self._grant_released()
+
+    def _grant_released(self) -> bool:
+        """Give back the places of released peer streams the engine has discarded; True
+        if any (a MAX_STREAMS may be due)."""
+        discarded = [sid for sid in self._theta_released if sid not in self._streams]
+        if not discarded:
+            return False
+        self._theta_released.difference_update(discarded)
+        limit = self._local_max_streams_bidi
+        assert isinstance(limit, _PeerStreamLimit)
+        limit.granted += len(discarded)
+        return True
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        datagrams = super().datagrams_to_send(now=now)
+        # aioquic discards finished streams while it builds packets: announce the places
+        # of released ones at once (the peer may be waiting for them to open a stream).
+        if self._theta_released and self._grant_released():
+            datagrams += super().datagrams_to_send(now=now)
+        return datagrams
 
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream

@@ -105,9 +105,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 while view:
                     await self._wait_writable()
                     room = self._high_water - self.unacked_bytes()
-                    chunk, view = view[:room], view[room:]
-                    self._connection._send_stream_data(self, bytes(chunk), end_stream=False)
-                    written = True
+                    self._connection._send_stream_data(self, bytes(view[:room]), end_stream=False)
+                    view, written = view[room:], True  # only once that chunk is written
                     self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
             except BaseException:
                 if written and view and self._send_error is None:
