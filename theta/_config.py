@@ -56,7 +56,11 @@ def _check_seconds(name: str, value: object) -> None:
     """``value`` must be a positive number of seconds (any real number but a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if not float(value) > 0:  # also refuses NaN
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range: {value!r}") from None
+    if not seconds > 0:  # also refuses NaN
         raise ValueError(f"{name} must be positive")
 
 

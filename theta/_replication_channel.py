@@ -72,9 +72,11 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
         await self._send(self._sender.message(tick, payload))
 
     async def send_many(self, updates: Iterable[tuple[int, bytes]]) -> None:
-        """Send several ``(tick, payload)`` messages in one write: much cheaper than one
-        :meth:`send` each when a tick produces many small deltas. Same errors as
-        :meth:`send`; an invalid payload raises before anything is sent."""
+        """Send several ``(tick, payload)`` messages in one write (a batch beyond the
+        transport's high-water mark in a few): much cheaper than one :meth:`send` each when
+        a tick produces many small deltas. Same errors as :meth:`send`; an invalid payload
+        raises before anything is sent. Cancelled, it has sent a prefix of the messages,
+        each whole, and nothing after them."""
         self._check_may_send()
         messages: list[Message] = [self._sender.message(tick, payload) for tick, payload in updates]
         if messages:

@@ -139,3 +139,8 @@ def test_bytes_like_tokens_and_real_numbers_are_converted() -> None:
 
 class FloatSubclass(float):
     """Like numpy.float64."""
+
+
+def test_a_timeout_beyond_floats_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="heartbeat_timeout is out of range"):
+        client_config(heartbeat_timeout=10**400)
