@@ -57,9 +57,10 @@ T = TypeVar("T")
 # Closing waits for data still on its way as long as it keeps moving, within the QUIC
 # idle timeout in all. What the peer sent: each _CLOSE_GRACE seconds must see bytes arrive
 # or the application take some. What this side sent: the peer's acknowledgements must
-# advance within a heartbeat timeout (a receiver grants credit in steps of half its
-# window, so a slow reader's progress shows only now and then). A SessionClose alone,
-# and any close with an error code, is waited for at most _CLOSE_GRACE.
+# advance within a heartbeat timeout (a receiver whose peer has closed grants credit in
+# steps of a sixteenth of its window, not half, so that a slow reader's progress shows).
+# A SessionClose alone, and any close with an error code, is waited for at most
+# _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 
@@ -325,6 +326,10 @@ class Session:
         self._closed_event.set()
         emptied = self._has_handler
         channels = (self.replication, self.assets)
+        for channel in channels:
+            # The closing peer gives up a heartbeat timeout after its last acknowledgement:
+            # let a slow reader's progress show sooner than every half window.
+            channel._framed.stream.credit_eagerly()
         try:
             with trio.move_on_after(self._config.idle_timeout):  # a trickle ends too
                 await self._wait_peer_data(channels, emptied=emptied)

@@ -129,6 +129,24 @@ def test_receive_credit_follows_what_the_application_read(read: bool) -> None:
         assert pair.client.unacked_send_bytes(stream_id) == 1_000_000 - window
 
 
+@pytest.mark.parametrize(("eager", "step"), [(False, 2), (True, 16)])
+def test_credit_is_raised_in_steps_of_half_or_a_sixteenth_of_the_window(
+    eager: bool, step: int
+) -> None:
+    window = 64 * 1024
+    pair = Pair(stream_receive_window=window)
+    pair.shuttle(4)
+    stream_id = pair.client.get_next_available_stream_id()
+    pair.client.send_stream_data(stream_id, b"z" * window)
+    pair.shuttle(10)
+    assert pair.server is not None
+    if eager:
+        pair.server.credit_eagerly(stream_id)
+    due = [pair.server.stream_consumed(stream_id, read) for read in range(1, window, 512)]
+    first_due = 1 + 512 * due.index(True)
+    assert window // step <= first_due < window // step + 512
+
+
 def test_malformed_headers_parse_to_none() -> None:
     assert _engine.parse_header_untrusted(b"", 8) is None
     assert _engine.parse_header_untrusted(b"\xc0\x00", 8) is None

@@ -294,6 +294,30 @@ async def test_a_slow_handler_gets_everything_sent_before_the_close(
     assert seen.code == ErrorCode.NO_ERROR
 
 
+async def test_the_receiver_of_a_close_raises_credit_in_small_steps(
+    nursery: trio.Nursery,
+) -> None:
+    """A closing peer gives up a heartbeat timeout after its last acknowledgement; credit
+    raised only every half window could look like a stalled reader."""
+    eager: list[set[int]] = []
+    ended = trio.Event()
+
+    async def note_credit_policy(session: Session) -> None:
+        await session.wait_closed()
+        eager.append(set(session._connection._quic._theta_eager))
+        ended.set()
+
+    server = await start_server(nursery, note_credit_policy)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            data_streams = {
+                channel._framed.stream.stream_id
+                for channel in (session.replication, session.assets)
+            }
+        await ended.wait()
+    assert eager == [data_streams]
+
+
 async def test_data_the_application_never_took_is_reported(
     nursery: trio.Nursery, short_close_grace: float
 ) -> None:

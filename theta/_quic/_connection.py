@@ -529,6 +529,10 @@ class QuicConnection:
         if self._quic.stream_consumed(stream.stream_id, total):
             self._wake()
 
+    def _credit_eagerly(self, stream: QuicStream, consumed: int) -> None:
+        self._quic.credit_eagerly(stream.stream_id)
+        self._stream_consumed(stream, consumed)  # a smaller step may be due already
+
     def _close_stream(self, stream: QuicStream, *, send_fin: bool, stop_receiving: bool) -> None:
         self._streams.pop(stream.stream_id, None)
         self._blocked_writers.discard(stream)

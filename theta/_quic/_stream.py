@@ -193,6 +193,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def credit_eagerly(self) -> None:
+        """From now on let the peer send more each time the application has read a
+        sixteenth of ``stream_receive_window`` (by default: half of it). For a slow reader
+        whose progress the peer watches, e.g. while it drains what a closing peer sent."""
+        self._connection._credit_eagerly(self, self._consumed)
+
     # -- closing ----------------------------------------------------------------------
 
     async def aclose(self) -> None:
