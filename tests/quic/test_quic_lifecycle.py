@@ -556,3 +556,18 @@ async def test_a_send_all_failing_on_its_last_chunk_is_interrupted(
             connection._quic.send_stream_data = write  # type: ignore[method-assign]
             await stream.aclose()
             assert isinstance(await outcome.receive(), StreamResetError)  # not a clean end
+
+
+async def test_eager_credit_on_a_closed_stream_leaves_nothing_behind(
+    echo_server: QuicServer,
+) -> None:
+    with trio.fail_after(5):
+        async with open_quic_connection("127.0.0.1", echo_server.port, client_config()) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(b"x")
+            stream.credit_eagerly()
+            assert stream.stream_id in conn._quic._theta_eager
+            await stream.aclose()
+            stream.credit_eagerly()
+            assert stream.stream_id not in conn._quic._theta_eager
+            assert stream.stream_id not in conn._quic._theta_consumed

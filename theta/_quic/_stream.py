@@ -197,7 +197,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         """From now on let the peer send more each time the application has read a
         sixteenth of ``stream_receive_window`` (by default: half of it). For a slow reader
         whose progress the peer watches, e.g. while it drains what a closing peer sent."""
-        self._connection._credit_eagerly(self, self._consumed)
+        if not self._closed:  # a closed stream's bookkeeping is gone for good
+            self._connection._credit_eagerly(self, self._consumed)
 
     # -- closing ----------------------------------------------------------------------
 
