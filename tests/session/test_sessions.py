@@ -329,10 +329,9 @@ async def test_data_the_application_never_took_is_reported(
         # its 1 MiB send buffer takes beyond that.
         await session.replication.send_many([(tick, os.urandom(1000)) for tick in range(1500)])
 
-    # Closing, the server waits a heartbeat timeout for acknowledgements to advance.
-    server = await start_server(
-        nursery, send_and_leave, heartbeat_interval=0.1, heartbeat_timeout=0.3
-    )
+    # Closing, the server waits a heartbeat timeout for acknowledgements to advance: 1.5 s
+    # here, three of the client's heartbeat intervals.
+    server = await start_server(nursery, send_and_leave, heartbeat_timeout=1.5)
     taken: list[ReplicationMessage] = []
 
     async def take_all(session: Session) -> None:
