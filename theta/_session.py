@@ -31,6 +31,7 @@ from theta._quic import (
     QuicStream,
     StreamResetError,
     StreamStoppedError,
+    truncate_utf8,
 )
 from theta._replication_channel import ReplicationChannel
 from theta.core import (
@@ -63,14 +64,6 @@ T = TypeVar("T")
 # _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
-
-
-def _truncate_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
-    encoded = text.encode("utf-8")
-    if len(encoded) <= limit:
-        return text
-    return encoded[:limit].decode("utf-8", errors="ignore")
 
 
 class Session:
@@ -217,10 +210,9 @@ class Session:
         coming (a slow reader on the other side gets everything), within the idle timeout;
         the wait ends when a heartbeat timeout passes without any, and what is left
         unacknowledged then is logged as abandoned (``WARNING``). Other codes wait at most
-        a second. The ``SessionClose``
-        too is waited for once the connection has had to retransmit; with nothing to
-        wait for, the close is immediate. Idempotent; returns once the session's tasks
-        are stopping.
+        a second. The ``SessionClose`` too is waited for once the connection has had to
+        retransmit; with nothing to wait for, the close is immediate. Idempotent; returns
+        once the session's tasks are stopping.
 
         ``code`` is a wire error code, an ``int`` in 0..65535; ``reason`` is a ``str``, cut to
         1 KiB of UTF-8. Anything else raises ``TypeError``/``ValueError`` and closes nothing.
@@ -232,7 +224,7 @@ class Session:
         code = int(code)
         if not 0 <= code <= 0xFFFF:
             raise ValueError(f"close code {code} is not an unsigned 16-bit value")
-        reason = _truncate_utf8(reason, _MAX_REASON)
+        reason = truncate_utf8(reason, _MAX_REASON)
         if self._closed is None:
             self._record_close(code, reason, by_peer=False)
             try:

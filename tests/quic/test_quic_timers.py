@@ -72,12 +72,17 @@ async def test_a_new_earliest_deadline_wakes_the_queue_sooner(
     assert woken == [("near", start + 2)]
 
 
+def reschedule_ever_earlier(queue: TimerQueue, sleepers: list[Recorder]) -> None:
+    """1000 ever earlier deadlines each: every push makes one entry stale."""
+    for step in range(1000):
+        for sleeper in sleepers:
+            queue.schedule(sleeper, 10_000.0 - step)
+
+
 async def test_stale_entries_are_pruned() -> None:
     queue = TimerQueue()
     sleepers = [Recorder(str(index), []) for index in range(10)]
-    for step in range(1000):  # ever earlier deadlines: each push makes one entry stale
-        for sleeper in sleepers:
-            queue.schedule(sleeper, 10_000.0 - step)
+    reschedule_ever_earlier(queue, sleepers)
     assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1
 
 
@@ -105,9 +110,7 @@ async def test_sleepers_dropped_without_cancel_do_not_loosen_pruning() -> None:
         queue.schedule(Recorder(f"dropped {index}", []), start + 1)
     queue._fire(start + 2)
     sleepers = [Recorder(str(index), []) for index in range(10)]
-    for step in range(1000):
-        for sleeper in sleepers:
-            queue.schedule(sleeper, 10_000.0 - step)
+    reschedule_ever_earlier(queue, sleepers)
     assert queue._live == len(sleepers)
     assert len(queue._heap) <= 2 * len(sleepers) + 64 + 1
 

@@ -9,7 +9,7 @@ the exceptions. Nothing outside ``_engine`` imports the QUIC engine.
 from ._api import ConnectionHandler, QuicServer, open_quic_connection, serve_quic
 from ._certs import SelfSignedCertificate, generate_self_signed_certificate
 from ._config import ALPN, QuicConfig, check_port
-from ._connection import QuicConnection
+from ._connection import QuicConnection, truncate_utf8
 from ._errors import (
     ConnectionClosedByPeer,
     ConnectionRefused,
@@ -45,4 +45,5 @@ __all__ = [
     "generate_self_signed_certificate",
     "open_quic_connection",
     "serve_quic",
+    "truncate_utf8",
 ]

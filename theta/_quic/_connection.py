@@ -56,6 +56,14 @@ _COALESCE_IDLE_PASSES = 3  # ... and stops after this many passes without a new 
 _ANSWER_PASSES = 10  # scheduler passes the application gets to answer what it received
 
 
+def truncate_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", errors="ignore")
+
+
 class QuicConnection:
     """A QUIC connection: open/accept bidirectional streams, close with a code, counters.
 
@@ -184,11 +192,10 @@ class QuicConnection:
             return
         self._closed_locally = True
         self._flush_nowait(unpaced=True)  # once closing, the engine sends nothing else
-        encoded = reason.encode()
-        if len(encoded) > _MAX_REASON_BYTES:
-            reason = encoded[:_MAX_REASON_BYTES].decode(errors="ignore")  # whole characters
         try:
-            self._quic.close(error_code=code, reason_phrase=reason)
+            self._quic.close(
+                error_code=code, reason_phrase=truncate_utf8(reason, _MAX_REASON_BYTES)
+            )
         except _engine.ENGINE_ERRORS as exc:
             self._fail_engine(exc)
             return

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._connection import QuicConnection
 
 _DEFAULT_READ = 256 * 1024
+_INTERRUPTED = "an earlier send_all was interrupted part-way"
 
 
 class QuicStream(trio.abc.HalfCloseableStream):
@@ -61,8 +62,6 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
-        self.send_high_water = self._high_water
-        """Unacknowledged bytes at which sends block (``QuicConfig.stream_send_high_water``)."""
         self.max_unacked_bytes = 0
         """Largest unacknowledged-bytes figure seen right after a write (for tests/stats)."""
 
@@ -70,6 +69,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def connection(self) -> QuicConnection:
         """The connection this stream belongs to."""
         return self._connection
+
+    @property
+    def send_high_water(self) -> int:
+        """Unacknowledged bytes at which sends block (``QuicConfig.stream_send_high_water``)."""
+        return self._high_water
 
     def unacked_bytes(self) -> int:
         """Bytes written to this stream and not yet acknowledged by the peer."""
@@ -113,9 +117,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     # Part of ``data`` is on its way: the peer must not take the stream's
                     # end for a complete message. Later sends fail; aclose() resets.
                     self._send_interrupted = True
-                    self._send_error = trio.BrokenResourceError(
-                        "an earlier send_all was interrupted part-way"
-                    )
+                    self._send_error = trio.BrokenResourceError(_INTERRUPTED)
                 raise
         finally:
             self._sending = False
@@ -156,7 +158,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream closed")
         await trio.lowlevel.checkpoint()
         if self._send_interrupted:
-            raise trio.BrokenResourceError("an earlier send_all was interrupted part-way")
+            raise trio.BrokenResourceError(_INTERRUPTED)
         if not self._eof_sent and self._send_error is None:
             self._eof_sent = True
             self._connection._send_stream_data(self, b"", end_stream=True)
