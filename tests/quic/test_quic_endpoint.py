@@ -12,7 +12,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from theta._quic import HandshakeTimeout, QuicConnection, QuicServer, open_quic_connection
+from theta._quic import HandshakeTimeout, QuicConnection, QuicServer, _engine, open_quic_connection
 from theta._quic._endpoint import UdpEndpoint
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
@@ -219,3 +219,36 @@ async def test_icmp_errors_reported_by_a_send_reach_the_client_connection() -> N
     assert client.unreachable == 2
     assert not sock.failures
     endpoint.close()
+
+
+async def _send_real_initial(server: QuicServer) -> None:
+    """A genuine client Initial from a client that never answers the server's flight."""
+    engine = _engine.create_connection(
+        _engine.build_configuration(client_config(), is_client=True, server_name="localhost")
+    )
+    engine.connect(server.address, now=trio.current_time())
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for data, _ in engine.datagrams_to_send(now=trio.current_time()):
+            await sock.sendto(data, server.address)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_handshakes_in_progress_are_counted_until_they_end(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The cap on handshakes reads a count the connections keep (not a scan of every
+    connection per Initial): up when a server connection is created, down once when its
+    handshake completes or it ends first."""
+    server = await start_server(nursery, echo_handler, handshake_timeout=2.0)
+    endpoint = server._endpoint
+    with trio.fail_after(30):
+        await _send_real_initial(server)
+        await _send_real_initial(server)
+        silent = server.connections
+        assert endpoint.handshaking == 2 == len(silent)
+        await _echo_once(server.port, b"completes its handshake")
+        assert endpoint.handshaking == 2
+        for connection in silent:
+            await connection.terminated.wait()
+            assert isinstance(connection.error, HandshakeTimeout)
+        assert endpoint.handshaking == 0

@@ -179,9 +179,10 @@ async def serve_quic(
                 def new_connection(
                     header: _engine.PacketHeader, addr: Address
                 ) -> QuicConnection | None:
-                    live = endpoint.connections
-                    handshaking = sum(1 for c in live if not c.handshake_complete.is_set())
-                    if len(live) >= config.max_connections or handshaking >= config.max_handshakes:
+                    if (
+                        len(endpoint.connections) >= config.max_connections
+                        or endpoint.handshaking >= config.max_handshakes
+                    ):
                         endpoint.refused_initials += 1
                         return None
                     engine = _engine.create_connection(

@@ -107,7 +107,8 @@ class QuicConnection:
         """When the connection was created (accepted, for a server), on trio's clock."""
         self._handshake_deadline = self.created_at + config.handshake_timeout
         self.handshake_complete = trio.Event()
-        """Set once the TLS handshake has completed."""
+        """Set once the TLS handshake has completed (or the connection is over)."""
+        endpoint.handshaking += 1
         self.terminated = trio.Event()
         """Set once the connection is over (its error is in :attr:`error`)."""
         self.error: QuicConnectionError | trio.ClosedResourceError | None = None
@@ -403,7 +404,7 @@ class QuicConnection:
                 if stream is not None:
                     stream._on_stop_sending(event.error_code)
             elif isinstance(event, _engine.HandshakeCompleted):
-                self.handshake_complete.set()
+                self._end_handshake()
                 if self.on_established is not None:
                     self.on_established(self)
                 delivered = True  # the client's first stream data may join its Finished
@@ -500,7 +501,7 @@ class QuicConnection:
             return
         self.error = error
         self.terminated.set()
-        self.handshake_complete.set()  # release handshake waiters; they check error
+        self._end_handshake()  # releases handshake waiters; they check error
         for stream in self._streams.values():
             stream._on_connection_error(error)
         self._accept_send.close()
@@ -511,6 +512,11 @@ class QuicConnection:
         self._endpoint.timers.cancel(self)
         self._unpark()
         self._endpoint.remove_connection(self)
+
+    def _end_handshake(self) -> None:
+        if not self.handshake_complete.is_set():
+            self.handshake_complete.set()
+            self._endpoint.handshaking -= 1
 
     def _raise_if_over(self) -> None:
         if self.error is not None:

@@ -86,6 +86,8 @@ class UdpEndpoint:
         self._send_lock = trio.Lock()
         self.timers = TimerQueue()
         """The deadlines of this endpoint's connection drivers."""
+        self.handshaking = 0
+        """Connections whose handshake is under way (kept by the connections)."""
         self.refused_initials = 0
         """Initials dropped because a cap was reached."""
         self.dropped_datagrams = 0
