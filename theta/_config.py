@@ -217,6 +217,11 @@ class ServerConfig(_SessionConfig):
     ``SERVER_BUSY`` is sent, which would take a full QUIC handshake per refusal."""
     max_handshakes: int = 256
     """Connections still handshaking at once (the same silent drop beyond it)."""
+    address_validation: str = "under_load"
+    """When a new client must first prove its address with a QUIC Retry round trip, before
+    the server keeps any state or does any cryptography for it: ``"always"``, ``"never"``,
+    or ``"under_load"`` (once half of ``max_handshakes`` are in progress), so that
+    Initials with forged source addresses cannot take the remaining handshake places."""
 
     def __post_init__(self) -> None:
         _SessionConfig.__post_init__(self)
@@ -225,3 +230,4 @@ class ServerConfig(_SessionConfig):
         _check_int("default_role", self.default_role, 0, 0xFFFF_FFFF)
         _check_int("max_sessions", self.max_sessions, 1)
         _check_int("max_handshakes", self.max_handshakes, 1)
+        QuicConfig(address_validation=self.address_validation)  # the QUIC layer checks it

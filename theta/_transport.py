@@ -32,4 +32,5 @@ def server_quic_config(config: ServerConfig) -> QuicConfig:
         max_datagram_size=config.max_datagram_size,
         max_connections=config.max_sessions,
         max_handshakes=config.max_handshakes,
+        address_validation=config.address_validation,
     )

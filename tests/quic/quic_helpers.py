@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
+import trio.testing
 
 from theta._quic import (
     QuicConfig,
@@ -15,6 +17,7 @@ from theta._quic import (
     QuicServer,
     QuicStream,
     SelfSignedCertificate,
+    _engine,
     generate_self_signed_certificate,
     serve_quic,
 )
@@ -127,3 +130,18 @@ def count_tasks(root: trio.lowlevel.Task | None = None) -> int:
         root = trio.lowlevel.current_root_task()
         assert root is not None
     return count(root)
+
+
+async def send_silent_initial(server: QuicServer, *, token: bytes = b"") -> None:
+    """Send ``server`` a genuine client Initial (carrying ``token``) from a client that
+    never answers, and let the server take it in."""
+    configuration = _engine.build_configuration(
+        client_config(), is_client=True, server_name="localhost"
+    )
+    configuration.token = token
+    engine = _engine.create_connection(configuration)
+    engine.connect(server.address, now=trio.current_time())
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for data, _ in engine.datagrams_to_send(now=trio.current_time()):
+            await sock.sendto(data, server.address)
+    await trio.testing.wait_all_tasks_blocked()

@@ -12,11 +12,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from theta._quic import HandshakeTimeout, QuicConnection, QuicServer, _engine, open_quic_connection
+from theta._quic import HandshakeTimeout, QuicConnection, QuicServer, open_quic_connection
 from theta._quic._endpoint import UdpEndpoint
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
-from .quic_helpers import client_config, echo_handler, start_server
+from .quic_helpers import client_config, echo_handler, send_silent_initial, start_server
 
 
 async def _echo_once(port: int, message: bytes) -> None:
@@ -221,18 +221,6 @@ async def test_icmp_errors_reported_by_a_send_reach_the_client_connection() -> N
     endpoint.close()
 
 
-async def _send_real_initial(server: QuicServer) -> None:
-    """A genuine client Initial from a client that never answers the server's flight."""
-    engine = _engine.create_connection(
-        _engine.build_configuration(client_config(), is_client=True, server_name="localhost")
-    )
-    engine.connect(server.address, now=trio.current_time())
-    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for data, _ in engine.datagrams_to_send(now=trio.current_time()):
-            await sock.sendto(data, server.address)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 async def test_handshakes_in_progress_are_counted_until_they_end(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -242,8 +230,8 @@ async def test_handshakes_in_progress_are_counted_until_they_end(
     server = await start_server(nursery, echo_handler, handshake_timeout=2.0)
     endpoint = server._endpoint
     with trio.fail_after(30):
-        await _send_real_initial(server)
-        await _send_real_initial(server)
+        await send_silent_initial(server)
+        await send_silent_initial(server)
         silent = server.connections
         assert endpoint.handshaking == 2 == len(silent)
         await _echo_once(server.port, b"completes its handshake")

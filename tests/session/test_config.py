@@ -88,6 +88,7 @@ def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], m
         ({"max_handshakes": 0}, ValueError, "max_handshakes must be at least 1"),
         ({"max_handshakes": -1}, ValueError, "max_handshakes must be at least 1"),
         ({"authenticator": 3}, TypeError, "authenticator must be callable"),
+        ({"address_validation": "sometimes"}, ValueError, "address_validation must be one of"),
     ],
 )
 def test_server_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:

@@ -57,6 +57,15 @@ async def test_quic_handshake_and_heartbeat_updates_metrics(nursery: trio.Nurser
             assert snapshot.compression_ratio is None  # nothing compressed yet
 
 
+async def test_a_server_validating_every_address_serves_sessions(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo, address_validation="always")
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"after a Retry", tick=1)
+            assert (await session.replication.receive()).payload == b"after a Retry"
+    assert server._transport.retries_sent == 1
+
+
 async def test_handshake_validates_protocol_version(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -21,6 +22,7 @@ from . import _engine
 from ._config import QuicConfig, check_port
 from ._connection import QuicConnection
 from ._endpoint import Address, UdpEndpoint, open_udp_socket
+from ._retry import RetryTokens
 
 logger = logging.getLogger("theta.quic")
 
@@ -127,6 +129,17 @@ class QuicServer:
         """Initials silently dropped because a cap was reached."""
         return self._endpoint.refused_initials
 
+    @property
+    def retries_sent(self) -> int:
+        """Initials answered with a Retry (see ``QuicConfig.address_validation``)."""
+        return self._endpoint.retries_sent
+
+
+def _wants_retry(config: QuicConfig, handshaking: int) -> bool:
+    if config.address_validation == "under_load":
+        return handshaking >= max(1, config.max_handshakes // 2)
+    return config.address_validation == "always"
+
 
 async def serve_quic(
     handler: ConnectionHandler,
@@ -155,6 +168,7 @@ async def serve_quic(
         _engine.release_configuration(configuration)
         raise
     endpoint = UdpEndpoint(sock)
+    tokens = RetryTokens(lifetime=config.handshake_timeout)
 
     async def run_handler(connection: QuicConnection) -> None:
         code, reason = 0, ""
@@ -185,10 +199,27 @@ async def serve_quic(
                     ):
                         endpoint.refused_initials += 1
                         return None
+                    now = trio.current_time()
+                    retry_cid: bytes | None = None
+                    if header.token:  # only a Retry of this endpoint gives one
+                        retry_cid = header.destination_cid
+                        original_cid = tokens.validate(addr, header.token, retry_cid, now)
+                        if original_cid is None:
+                            return None  # forged, expired, or from another address
+                    elif _wants_retry(config, endpoint.handshaking):
+                        retry_cid = secrets.token_bytes(_engine.CID_LENGTH)
+                        token = tokens.issue(addr, header.destination_cid, retry_cid, now)
+                        retry = _engine.retry_packet(header, retry_cid, token)
+                        endpoint.send_datagrams_nowait([(retry, addr)])
+                        endpoint.retries_sent += 1
+                        return None
+                    else:
+                        original_cid = header.destination_cid
                     engine = _engine.create_connection(
                         configuration,
                         max_peer_streams=config.max_concurrent_peer_streams,
-                        original_destination_cid=header.destination_cid,
+                        original_destination_cid=original_cid,
+                        retry_source_cid=retry_cid,
                     )
                     connection = QuicConnection(endpoint, engine, config, addr, is_client=False)
                     connection.on_established = established

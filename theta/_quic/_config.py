@@ -15,6 +15,9 @@ QUIC_VERSION_1 = 0x00000001
 #: section 14); 65527 is the largest ``max_udp_payload_size`` a peer may announce.
 MIN_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE = 1200, 65527
 
+#: When a server validates client addresses with Retry (``QuicConfig.address_validation``).
+ADDRESS_VALIDATION = ("always", "under_load", "never")
+
 PemSource = bytes | str | Path
 """PEM data as ``bytes``, or the path of a PEM file as ``str`` or ``Path``."""
 
@@ -90,6 +93,13 @@ class QuicConfig:
     """Server: connections alive at once, handshaking or not."""
     max_handshakes: int = 256
     """Server: connections still handshaking at once."""
+    address_validation: str = "under_load"
+    """Server: when a new client must first prove its address with a Retry round trip
+    (RFC 9000, section 8.1) before the server keeps any state or does any cryptography
+    for it: ``"always"``, ``"never"``, or ``"under_load"``: once half of
+    ``max_handshakes`` are in progress. Initials with forged source addresses then
+    cannot take the remaining handshake places; each validated client pays one round
+    trip more."""
 
     def __post_init__(self) -> None:
         if not MIN_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
@@ -100,6 +110,11 @@ class QuicConfig:
         for name in ("idle_timeout", "handshake_timeout", "initial_rtt"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.address_validation not in ADDRESS_VALIDATION:
+            raise ValueError(
+                f"address_validation must be one of {', '.join(map(repr, ADDRESS_VALIDATION))},"
+                f" not {self.address_validation!r}"
+            )
         if self.max_concurrent_peer_streams < 1:
             raise ValueError("max_concurrent_peer_streams must be at least 1")
         for name in ("stream_receive_window", "stream_send_high_water", "max_data"):

@@ -14,7 +14,8 @@ Beyond the caps (``QuicConfig.max_connections`` alive, ``max_handshakes`` handsh
 server **silently drops** the Initial: no state, no crypto, no reply, so an overloaded
 server spends nothing on connections it will not serve. The client keeps retransmitting
 and either gets in when a slot frees up or fails with ``HandshakeTimeout``. Refusals are
-counted in :attr:`UdpEndpoint.refused_initials`.
+counted in :attr:`UdpEndpoint.refused_initials`. Below the caps, the server's
+``new_connection`` hook may answer with a Retry instead (``QuicConfig.address_validation``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ NewConnection = Callable[[_engine.PacketHeader, Address], "QuicConnection | None
 
 _BATCH = 512
 _MAX_DATAGRAM = 65535
-_CID_LENGTH = 8
 
 
 def _set_buffer(sock: socket.socket, option: int, size: int) -> None:
@@ -90,8 +90,12 @@ class UdpEndpoint:
         """Connections whose handshake is under way (kept by the connections)."""
         self.refused_initials = 0
         """Initials dropped because a cap was reached."""
+        self.retries_sent = 0
+        """Initials answered with a Retry (address validation)."""
         self.dropped_datagrams = 0
-        """Datagrams dropped: malformed, unroutable, or a full connection inbox."""
+        """Datagrams not delivered to a connection: malformed, unroutable, a full
+        connection inbox, and Initials refused at a cap, with an invalid token, or
+        answered with a Retry."""
         self.receive_errors = 0
         """OSErrors from the socket's receive (e.g. ICMP-induced ECONNREFUSED)."""
 
@@ -203,7 +207,7 @@ class UdpEndpoint:
     def _route(self, data: bytes, addr: Address) -> QuicConnection | None:
         if self._client is not None:
             return self._client
-        header = _engine.parse_header_untrusted(data, _CID_LENGTH)
+        header = _engine.parse_header_untrusted(data, _engine.CID_LENGTH)
         if header is None:
             return None
         if header.version is not None and header.version not in _engine.SUPPORTED_VERSIONS:

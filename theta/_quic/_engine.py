@@ -39,6 +39,7 @@ from aioquic.quic.connection import QuicConnectionError, QuicConnectionState
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
@@ -53,6 +54,7 @@ from ._config import ALPN, QUIC_VERSION_1, PemSource, QuicConfig
 from ._stats import EngineStats
 
 __all__ = [
+    "CID_LENGTH",
     "ENGINE_ERRORS",
     "ConnectionIdIssued",
     "ConnectionIdRetired",
@@ -67,6 +69,7 @@ __all__ = [
     "build_configuration",
     "parse_header_untrusted",
     "release_configuration",
+    "retry_packet",
     "version_negotiation_reply",
 ]
 
@@ -108,6 +111,8 @@ class PacketHeader(NamedTuple):
     is_version_negotiation: bool
     destination_cid: bytes
     source_cid: bytes
+    token: bytes
+    """An Initial's address-validation token (empty when none)."""
 
 
 def parse_header_untrusted(data: bytes, cid_length: int) -> PacketHeader | None:
@@ -122,6 +127,7 @@ def parse_header_untrusted(data: bytes, cid_length: int) -> PacketHeader | None:
         is_version_negotiation=header.packet_type == QuicPacketType.VERSION_NEGOTIATION,
         destination_cid=header.destination_cid,
         source_cid=header.source_cid,
+        token=header.token,
     )
 
 
@@ -134,7 +140,23 @@ def version_negotiation_reply(header: PacketHeader) -> bytes:
     )
 
 
+def retry_packet(header: PacketHeader, retry_cid: bytes, token: bytes) -> bytes:
+    """A Retry packet answering the Initial of ``header``: the client is to come back to
+    connection id ``retry_cid`` with ``token``."""
+    assert header.version is not None
+    return encode_quic_retry(
+        version=header.version,
+        source_cid=retry_cid,
+        destination_cid=header.source_cid,
+        original_destination_cid=header.destination_cid,
+        retry_token=token,
+    )
+
+
 SUPPORTED_VERSIONS: tuple[int, ...] = (QUIC_VERSION_1,)
+
+CID_LENGTH = 8
+"""Length of the connection ids this side issues (and routes by)."""
 
 
 # --- certificates -----------------------------------------------------------------------
@@ -183,7 +205,7 @@ def build_configuration(
         initial_rtt=config.initial_rtt,
         supported_versions=list(SUPPORTED_VERSIONS),
         congestion_control_algorithm=config.congestion_control,
-        connection_id_length=8,
+        connection_id_length=CID_LENGTH,
         secrets_log_file=key_log,
     )
     if is_client:
@@ -507,12 +529,15 @@ def create_connection(
     *,
     max_peer_streams: int = 16,
     original_destination_cid: bytes | None = None,
+    retry_source_cid: bytes | None = None,
 ) -> EngineConnection:
-    """A new engine connection (server: pass the client's original destination CID)."""
+    """A new engine connection. Server: pass the client's original destination CID,
+    and the CID chosen by the Retry that validated the client's address, if any."""
     return EngineConnection(
         configuration=configuration,
         max_peer_streams=max_peer_streams,
         original_destination_connection_id=original_destination_cid,
+        retry_source_connection_id=retry_source_cid,
     )
 
 
