@@ -53,7 +53,8 @@ def _check_int(
 
 
 def _check_seconds(name: str, value: object) -> None:
-    """``value`` must be a positive number of seconds (any real number but a bool)."""
+    """``value`` must be a positive, finite number of seconds (any real number but a
+    bool): an infinite timeout would let a silent peer hold its place for ever."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
     try:
@@ -62,6 +63,8 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValueError(f"{name} is out of range: {value!r}") from None
     if not seconds > 0:  # also refuses NaN
         raise ValueError(f"{name} must be positive")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be finite")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,8 +142,6 @@ class _SessionConfig:
         _check_int("receive_queue", self.receive_queue, 1)
         _check_seconds("idle_timeout", self.idle_timeout)
         object.__setattr__(self, "idle_timeout", float(self.idle_timeout))
-        if not math.isfinite(self.idle_timeout):
-            raise ValueError("idle_timeout must be finite")
         _check_int("max_datagram_size", self.max_datagram_size)
         # The QUIC layer's own bounds (e.g. max_datagram_size), checked now rather than by
         # every connect() or serve().

@@ -74,8 +74,12 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match=r"max_datagram_size must be in 1200\.\.65527"):
         QuicConfig(max_datagram_size=65528)
     assert QuicConfig(max_datagram_size=65527).max_datagram_size == 65527
-    with pytest.raises(ValueError, match="idle_timeout"):
+    with pytest.raises(ValueError, match="idle_timeout must be positive"):
         QuicConfig(idle_timeout=0)
+    with pytest.raises(ValueError, match="handshake_timeout must be positive"):
+        QuicConfig(handshake_timeout=float("nan"))
+    with pytest.raises(ValueError, match="handshake_timeout must be finite"):
+        QuicConfig(handshake_timeout=float("inf"))
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,9 @@ _BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"handshake_timeout": "5"}, TypeError, "handshake_timeout must be a number of seconds"),
     ({"handshake_timeout": float("nan")}, ValueError, "handshake_timeout must be positive"),
     ({"heartbeat_timeout": 0}, ValueError, "heartbeat_timeout must be positive"),
+    ({"handshake_timeout": float("inf")}, ValueError, "handshake_timeout must be finite"),
+    ({"heartbeat_interval": float("inf")}, ValueError, "heartbeat_interval must be finite"),
+    ({"heartbeat_timeout": float("inf")}, ValueError, "heartbeat_timeout must be finite"),
     ({"frame_limits": 1024}, TypeError, "frame_limits must be a FrameLimits"),
     (
         {"frame_limits": FrameLimits(replication=64)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 #: The only ALPN protocol a Theta v1 peer offers or accepts (wire spec, section 1).
@@ -108,8 +109,10 @@ class QuicConfig:
                 f" not {self.max_datagram_size!r}"
             )
         for name in ("idle_timeout", "handshake_timeout", "initial_rtt"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be positive")
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite")
         if self.address_validation not in ADDRESS_VALIDATION:
             raise ValueError(
                 f"address_validation must be one of {', '.join(map(repr, ADDRESS_VALIDATION))},"
