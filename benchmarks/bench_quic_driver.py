@@ -115,7 +115,7 @@ def aioquic_server(cert: bytes, key: bytes, port_pipe: Connection) -> None:
     from aioquic.asyncio.server import serve
     from aioquic.quic.configuration import QuicConfiguration
 
-    from theta._quic._engine import load_certificate_chain, load_private_key
+    from theta._quic._certs import load_server_credentials
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
@@ -133,8 +133,8 @@ def aioquic_server(cert: bytes, key: bytes, port_pipe: Connection) -> None:
 
     async def main() -> None:
         configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-        configuration.certificate = load_certificate_chain(cert)[0]
-        configuration.private_key = load_private_key(key)
+        chain, configuration.private_key = load_server_credentials(cert, key)
+        configuration.certificate = chain[0]
         server = await serve(
             "127.0.0.1",
             0,

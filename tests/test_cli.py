@@ -240,3 +240,32 @@ def test_zero_is_refused_where_it_makes_no_sense(
         build_parser().parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_unusable_tls_material_is_a_usage_error(
+    certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    other_cert, other_key = tmp_path / "other.pem", tmp_path / "other-key.pem"
+    result = theta(
+        "cert", "--name", "localhost", "--cert-out", str(other_cert), "--key-out", str(other_key)
+    )
+    assert result.returncode == 0, result.stderr
+    result = theta(
+        "echo-server", "--listen", "127.0.0.1:0", "--cert", str(cert), "--key", str(other_key)
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "theta echo-server: error: --key does not match the --cert (its first entry)"
+    ]
+    result = theta("echo-client", "--connect", "127.0.0.1:1", "--ca", str(key))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("theta echo-client: error: --ca: no usable PEM certificates")
+    env = dict(os.environ, SSLKEYLOGFILE=str(tmp_path / "no-such-dir" / "keys.log"))
+    result = theta("echo-client", "--connect", "127.0.0.1:1", "--ca", str(cert), env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"theta echo-client: error: cannot write the TLS key log {env['SSLKEYLOGFILE']}"
+        " (SSLKEYLOGFILE): No such file or directory"
+    ]

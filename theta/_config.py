@@ -13,6 +13,7 @@ from types import MappingProxyType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theta._quic import QuicConfig
+from theta._quic._certs import load_certificates, load_server_credentials, read_pem
 from theta._replication_channel import _FRAME_OVERHEAD as _REPLICATION_FRAME_OVERHEAD
 from theta.core import (
     CAP_ZSTD,
@@ -65,6 +66,19 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValueError(f"{name} must be positive")
     if not math.isfinite(seconds):
         raise ValueError(f"{name} must be finite")
+
+
+def _pem_now(config: object, name: str) -> bytes | None:
+    """Check the PEM field ``name``: PEM bytes (stored as ``bytes`` and returned, to be
+    parsed now) or the path of a file (read when a session starts: ``None``)."""
+    value = getattr(config, name)
+    if isinstance(value, Path) or (
+        isinstance(value, str) and not value.lstrip().startswith("-----BEGIN")
+    ):
+        return None
+    data = read_pem(name, value)  # TypeError: PEM text in a str, or not bytes-like
+    object.__setattr__(config, name, data)
+    return data
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +157,8 @@ class _SessionConfig:
         _check_seconds("idle_timeout", self.idle_timeout)
         object.__setattr__(self, "idle_timeout", float(self.idle_timeout))
         _check_int("max_datagram_size", self.max_datagram_size)
+        if not isinstance(self.key_log_file, str | Path | None):
+            raise TypeError(f"key_log_file must be a path or None, not {self.key_log_file!r}")
         # The QUIC layer's own bounds (e.g. max_datagram_size), checked now rather than by
         # every connect() or serve().
         QuicConfig(
@@ -170,6 +186,8 @@ class ClientConfig(_SessionConfig):
     """
 
     ca_certs: PemSource | None = None
+    """Trust anchors: PEM bytes (parsed when the configuration is built) or the path of a
+    PEM file (``str`` or ``Path``, read when a session starts); ``None``: the system's."""
     server_name: str | None = None
     insecure_skip_verify_for_tests: bool = False
     auth_token: bytes = b""
@@ -177,6 +195,15 @@ class ClientConfig(_SessionConfig):
 
     def __post_init__(self) -> None:
         _SessionConfig.__post_init__(self)
+        if not isinstance(self.insecure_skip_verify_for_tests, bool):
+            raise TypeError(
+                "insecure_skip_verify_for_tests must be a bool,"
+                f" not {self.insecure_skip_verify_for_tests!r}"
+            )
+        if not isinstance(self.server_name, str | None):
+            raise TypeError(f"server_name must be a str or None, not {self.server_name!r}")
+        if self.ca_certs is not None and (ca_certs := _pem_now(self, "ca_certs")) is not None:
+            load_certificates("ca_certs", ca_certs)
         if len(self.capabilities) > MAX_CAPABILITIES:
             raise ValueError(
                 f"capabilities must hold at most {MAX_CAPABILITIES} values,"
@@ -205,9 +232,12 @@ class ServerConfig(_SessionConfig):
     """
 
     certificate: PemSource
-    """Certificate chain (leaf first), PEM bytes or path."""
+    """Certificate chain (leaf first): PEM bytes, or the path of a PEM file (``str`` or
+    ``Path``, read when :func:`theta.serve` starts)."""
     private_key: PemSource
-    """The leaf's private key, PEM bytes or path (unencrypted)."""
+    """The leaf's private key (unencrypted), PEM bytes or a path. Given as bytes, both are
+    checked when the configuration is built (from files, when ``serve`` starts):
+    ``ValueError`` if either does not parse or the key is not the leaf's."""
     authenticator: Authenticator | None = None
     default_role: Role | int = Role.REPLICATE | Role.UPLOAD_ASSETS
     """The role mask (unsigned 32-bit) of every client when there is no authenticator."""
@@ -228,6 +258,9 @@ class ServerConfig(_SessionConfig):
         _SessionConfig.__post_init__(self)
         if self.authenticator is not None and not callable(self.authenticator):
             raise TypeError(f"authenticator must be callable, not {self.authenticator!r}")
+        certificate, private_key = _pem_now(self, "certificate"), _pem_now(self, "private_key")
+        if certificate is not None and private_key is not None:
+            load_server_credentials(certificate, private_key)
         _check_int("default_role", self.default_role, 0, 0xFFFF_FFFF)
         _check_int("max_sessions", self.max_sessions, 1)
         _check_int("max_handshakes", self.max_handshakes, 1)

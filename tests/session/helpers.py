@@ -23,16 +23,17 @@ def certificate() -> SelfSignedCertificate:
 def server_config(**overrides: Any) -> ServerConfig:
     """A server configuration with the test certificate."""
     cert = certificate()
-    return ServerConfig(
-        certificate=cert.certificate_pem, private_key=cert.private_key_pem, **overrides
-    )
+    fields: dict[str, Any] = {
+        "certificate": cert.certificate_pem,
+        "private_key": cert.private_key_pem,
+    }
+    return ServerConfig(**(fields | overrides))
 
 
 def client_config(**overrides: Any) -> ClientConfig:
     """A verifying client configuration trusting the test certificate."""
-    return ClientConfig(
-        ca_certs=certificate().certificate_pem, server_name="localhost", **overrides
-    )
+    fields: dict[str, Any] = {"ca_certs": certificate().certificate_pem, "server_name": "localhost"}
+    return ClientConfig(**(fields | overrides))
 
 
 async def start_server(

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+import theta
 from theta import Role
 from theta.core import FrameLimits
 
-from .helpers import client_config, server_config
+from .helpers import certificate, client_config, echo, server_config
+
+_OTHER = theta.generate_self_signed_certificate()
+_PEM_TEXT = _OTHER.certificate_pem.decode()
 
 # Values either side refuses: (overrides, exception, message pattern).
 _BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
@@ -49,6 +55,7 @@ _BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"max_datagram_size": 10}, ValueError, r"max_datagram_size must be in 1200\.\.65527"),
     ({"max_datagram_size": 65528}, ValueError, r"max_datagram_size must be in 1200\.\.65527"),
     ({"max_datagram_size": 1500.0}, TypeError, "max_datagram_size must be an int"),
+    ({"key_log_file": 9}, TypeError, "key_log_file must be a path or None"),
 ]
 
 
@@ -74,6 +81,12 @@ def test_server_configuration_refuses(
         ({"capabilities": range(65)}, ValueError, "capabilities must hold at most 64 values"),
         ({"auth_token": b"x" * 4097}, ValueError, "auth_token must be at most 4096 bytes"),
         ({"auth_token": "token"}, TypeError, "auth_token must be bytes-like"),
+        ({"insecure_skip_verify_for_tests": "false"}, TypeError, "must be a bool"),
+        ({"server_name": 5}, TypeError, "server_name must be a str or None"),
+        ({"ca_certs": 5}, TypeError, "ca_certs must be PEM bytes or a file path"),
+        ({"ca_certs": b"garbage"}, ValueError, "ca_certs: no usable PEM certificates"),
+        ({"ca_certs": _PEM_TEXT}, TypeError, r"ca_certs holds PEM text as a str"),
+        ({"ca_certs": _OTHER.private_key_pem}, ValueError, "ca_certs: no usable PEM"),
     ],
 )
 def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -92,6 +105,10 @@ def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], m
         ({"max_handshakes": -1}, ValueError, "max_handshakes must be at least 1"),
         ({"authenticator": 3}, TypeError, "authenticator must be callable"),
         ({"address_validation": "sometimes"}, ValueError, "address_validation must be one of"),
+        ({"private_key": _OTHER.private_key_pem}, ValueError, "private_key does not match"),
+        ({"certificate": b"garbage"}, ValueError, "certificate: no usable PEM certificates"),
+        ({"private_key": b"garbage"}, ValueError, "private_key: no usable unencrypted PEM"),
+        ({"certificate": 7}, TypeError, "certificate must be PEM bytes or a file path"),
     ],
 )
 def test_server_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -148,3 +165,30 @@ class FloatSubclass(float):
 def test_a_timeout_beyond_floats_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="heartbeat_timeout is out of range"):
         client_config(heartbeat_timeout=10**400)
+
+
+def test_pem_files_are_read_when_a_session_starts(tmp_path: Path) -> None:
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "other-key.pem"
+    cert_file.write_bytes(certificate().certificate_pem)
+    key_file.write_bytes(_OTHER.private_key_pem)
+    config = theta.ServerConfig(certificate=str(cert_file), private_key=key_file)
+    assert (config.certificate, config.private_key) == (str(cert_file), key_file)
+    assert client_config(ca_certs=cert_file).ca_certs == cert_file
+    assert client_config(ca_certs=bytearray(_OTHER.certificate_pem)).ca_certs == (
+        _OTHER.certificate_pem
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ValueError, match="private_key does not match"):
+                await nursery.start(theta.serve, echo, "127.0.0.1", 0, config)
+            missing = client_config(ca_certs=tmp_path / "missing.pem")
+            with pytest.raises(FileNotFoundError):
+                async with theta.connect("127.0.0.1", 9, missing):
+                    pass  # pragma: no cover
+            unwritable = client_config(key_log_file=tmp_path / "no-such-dir" / "keys.log")
+            with pytest.raises(OSError, match="cannot open key_log_file"):
+                async with theta.connect("127.0.0.1", 9, unwritable):
+                    pass  # pragma: no cover
+
+    trio.run(main)

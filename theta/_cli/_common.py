@@ -215,6 +215,9 @@ _OPTIONS = {
     "handshake_timeout": "--handshake-timeout",
     "heartbeat_interval": "--heartbeat-interval",
     "heartbeat_timeout": "--heartbeat-timeout",
+    "ca_certs": "--ca",
+    "certificate": "--cert",
+    "private_key": "--key",
 }
 _FIELDS = re.compile(r"\b(" + "|".join(_OPTIONS) + r")\b")
 
@@ -223,10 +226,20 @@ def session_config(build: Callable[[], _T]) -> _T:
     """``build()`` a session configuration; a value it refuses (``ValueError``) is a usage
     error, told with option names rather than field names."""
     try:
-        return build()
+        config = build()
     except ValueError as error:
         message = _FIELDS.sub(lambda match: _OPTIONS[match[1]], str(error))
         raise CommandFailed(message, EXIT_USAGE) from None
+    key_log = getattr(config, "key_log_file", None)
+    if key_log is not None:  # from $SSLKEYLOGFILE: a local problem, not a connection's
+        try:
+            Path(key_log).open("a").close()
+        except OSError as error:
+            raise CommandFailed(
+                f"cannot write the TLS key log {key_log} (SSLKEYLOGFILE): {error.strerror}",
+                EXIT_USAGE,
+            ) from None
+    return config
 
 
 def read_pem(path: str, option: str) -> bytes:

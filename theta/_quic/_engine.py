@@ -7,7 +7,6 @@ names:
 
 * imports (``Buffer``, ``pull_quic_header``, the connection class, the event classes),
 * building the engine configuration from :class:`~theta._quic._config.QuicConfig`,
-* certificate loading (PEM bytes or file paths),
 * the exceptions an engine call may raise (:data:`ENGINE_ERRORS`),
 * :class:`EngineConnection`, which adds to aioquic's connection the three things aioquic
   does not offer publicly: the per-stream unacknowledged send figure, receive credit tied
@@ -27,7 +26,6 @@ import logging
 import math
 import ssl
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from aioquic._buffer import Buffer
@@ -47,10 +45,9 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioquicStream
 from aioquic.tls import Epoch, Group
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from ._config import ALPN, QUIC_VERSION_1, PemSource, QuicConfig
+from ._certs import load_certificates, load_server_credentials, read_pem
+from ._config import ALPN, QUIC_VERSION_1, QuicConfig
 from ._stats import EngineStats
 
 __all__ = [
@@ -159,28 +156,6 @@ CID_LENGTH = 8
 """Length of the connection ids this side issues (and routes by)."""
 
 
-# --- certificates -----------------------------------------------------------------------
-
-
-def _read_pem(source: PemSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    return Path(source).read_bytes()
-
-
-def load_certificate_chain(source: PemSource) -> list[x509.Certificate]:
-    """Load one or more PEM certificates (leaf first) from bytes or a path."""
-    chain = x509.load_pem_x509_certificates(_read_pem(source))
-    if not chain:
-        raise ValueError("no certificate found in PEM data")
-    return chain
-
-
-def load_private_key(source: PemSource) -> Any:
-    """Load an unencrypted PEM private key from bytes or a path."""
-    return serialization.load_pem_private_key(_read_pem(source), password=None)
-
-
 # --- configuration ----------------------------------------------------------------------
 
 
@@ -194,7 +169,12 @@ def build_configuration(
     """
     key_log: TextIO | None = None
     if config.key_log_file is not None:
-        key_log = open(config.key_log_file, "a")  # noqa: SIM115 - closed by release_configuration
+        try:
+            key_log = open(config.key_log_file, "a")  # noqa: SIM115 - see release_configuration
+        except OSError as error:
+            raise OSError(
+                error.errno, f"cannot open key_log_file {config.key_log_file}: {error.strerror}"
+            ) from None
     configuration = QuicConfiguration(
         alpn_protocols=[ALPN],
         is_client=is_client,
@@ -219,14 +199,16 @@ def build_configuration(
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
             if config.ca_certs is not None:
-                configuration.cadata = _read_pem(config.ca_certs)
+                load_certificates("ca_certs", config.ca_certs)  # a clear error now
+                configuration.cadata = read_pem("ca_certs", config.ca_certs)
     else:
         if config.certificate is None or config.private_key is None:
             raise ValueError("a server needs both certificate and private_key")
-        chain = load_certificate_chain(config.certificate)
+        chain, configuration.private_key = load_server_credentials(
+            config.certificate, config.private_key
+        )
         configuration.certificate = chain[0]
         configuration.certificate_chain = chain[1:]
-        configuration.private_key = load_private_key(config.private_key)
     return configuration
 
 
