@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import logging
 import os
 
 import pytest
@@ -12,6 +14,7 @@ import trio.testing
 
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
+from theta._quic import ConnectionStats
 from theta.core import ClientHandshake, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
@@ -604,3 +607,27 @@ async def test_close_on_a_lossy_path_waits_for_its_session_close(
     with trio.fail_after(3):  # well before the server's 5 s heartbeat timeout
         seen = await ends.wait()
     assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
+
+
+async def test_a_close_on_a_path_that_needed_probes_reports_nothing_false(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After retransmissions the closing side waits for its SessionClose to be
+    acknowledged too; the peer answers the close with its own as soon as it has read
+    everything, and its ACK must not be overtaken by that close (which used to end the
+    wait with the SessionClose counted as abandoned)."""
+    server = await start_server(nursery, echo)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send(b"x" * 5000, tick=1)
+            await session.replication.receive()
+            connection = session._connection
+            real_stats = connection.stats
+
+            def stats_after_a_probe() -> ConnectionStats:
+                stats = real_stats()
+                engine = dataclasses.replace(stats.engine, probe_timeouts=1)
+                return dataclasses.replace(stats, engine=engine)
+
+            connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+    assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]

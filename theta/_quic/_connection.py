@@ -192,7 +192,10 @@ class QuicConnection:
         if self.terminated.is_set() or self._closed_locally:
             return
         self._closed_locally = True
-        self._flush_nowait(unpaced=True)  # once closing, the engine sends nothing else
+        # Once closing, the engine sends nothing else: what is written goes now, and so do
+        # the ACKs it owes (the peer may be waiting to see its last data acknowledged, and
+        # a close overtaking them would look like loss).
+        self._flush_nowait(unpaced=True)
         try:
             self._quic.close(
                 error_code=code, reason_phrase=truncate_utf8(reason, _MAX_REASON_BYTES)
@@ -362,7 +365,7 @@ class QuicConnection:
         now = trio.current_time()
         quic = self._quic
         try:
-            if self._written_since_transmit:
+            if self._written_since_transmit or unpaced:
                 quic.ack_now(now)
             self._written_since_transmit = 0
             if unpaced:
