@@ -116,6 +116,39 @@ def test_cert_writes_certificate_and_private_key(certificate: tuple[Path, Path])
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
+def test_cert_for_an_ip_address_certifies_it_as_an_address(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    result = theta("cert", "--name", "192.0.2.7", "--cert-out", str(cert), "--key-out", str(key))
+    assert result.returncode == 0, result.stderr
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    names = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == []
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
+        "192.0.2.7",
+        "127.0.0.1",
+        "::1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--name", "ex*ample..com"], "invalid --name: 'ex*ample..com' is not a DNS name"),
+        (["--name", "x", "--days", "36501"], "invalid --days 36501: at most 36500"),
+        (["--name", "x", "--key-out", "c.pem"], "--cert-out and --key-out name the same file"),
+    ],
+)
+def test_cert_refuses_what_it_cannot_write(extra: list[str], message: str, tmp_path: Path) -> None:
+    outputs = ["--cert-out", str(tmp_path / "c.pem"), "--key-out", str(tmp_path / "k.pem")]
+    if "--key-out" in extra:
+        extra = [*extra[:-1], str(tmp_path / extra[-1])]
+        outputs = outputs[:2]
+    result = theta("cert", *outputs, *extra)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"theta cert: error: {message}"]
+    assert not (tmp_path / "k.pem").exists()
+
+
 def test_echo_client_round_trip(certificate: tuple[Path, Path], server_port: str) -> None:
     result = echo_client(certificate, server_port, "--messages", "50", "--asset-size", "300000")
     assert result.returncode == 0, result.stderr
@@ -231,9 +264,22 @@ def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) 
             ["echo-client", "--connect", "127.0.0.1:0", "--ca", "ca.pem"],
             "argument --connect: invalid port in '127.0.0.1:0' (1..65535)",
         ),
+        (
+            ["demo", "--asset-size", "67108865"],
+            "argument --asset-size: at most 67108864 bytes (a peer's default limit),"
+            " got '67108865'",
+        ),
+        (
+            ["echo-client", "--connect", "127.0.0.1:1", "--ca", "ca.pem", "--messages", "10**9"],
+            "argument --messages: expected a non-negative integer, got '10**9'",
+        ),
+        (
+            ["echo-client", "--connect", "127.0.0.1:1", "--ca", "ca.pem", "--messages", "1000001"],
+            "argument --messages: at most 1000000 messages, got '1000001'",
+        ),
     ],
 )
-def test_zero_is_refused_where_it_makes_no_sense(
+def test_values_out_of_range_are_refused_by_the_parser(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -14,12 +14,13 @@ from theta import __version__
 from theta._cli._common import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
+    asset_size,
     capability,
     configure_logging,
-    count,
     describe,
     endpoint,
     fail,
+    message_count,
     peer_endpoint,
     positive_count,
     positive_rate,
@@ -170,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session_options(client)
     client.add_argument(
         "--messages",
-        type=count,
+        type=message_count,
         default=10,
         metavar="N",
         help="replication messages to echo (default: %(default)s)",
     )
     client.add_argument(
         "--asset-size",
-        type=count,
+        type=asset_size,
         default=65536,
         metavar="BYTES",
         help="size of the asset to echo; 0 sends an empty asset (default: %(default)s)",
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--asset-size",
-        type=count,
+        type=asset_size,
         default=256 * 1024,
         metavar="BYTES",
         help="size of each asset (default: %(default)s)",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from theta._cli._common import EXIT_OK, EXIT_USAGE, CommandFailed
 __all__ = ["cert"]
 
 _LOOPBACK = ("127.0.0.1", "::1")
+_MAX_DAYS = 36500
 
 
 def _write(path: str, data: bytes, mode: int, option: str) -> None:
@@ -30,14 +30,21 @@ def _write(path: str, data: bytes, mode: int, option: str) -> None:
 def cert(args: argparse.Namespace) -> int:
     """Generate the certificate for ``--name`` plus the loopback IPs, then write both files."""
     name: str = args.name
-    ips: tuple[str, ...] = _LOOPBACK
-    with contextlib.suppress(ValueError):  # an IP address: certify it too
-        ips = (str(ipaddress.ip_address(name)), *_LOOPBACK)
-    if not name or any(c.isspace() for c in name):
-        raise CommandFailed(f"invalid --name {name!r}", EXIT_USAGE)
-    generated = generate_self_signed_certificate(
-        dns_names=(name,), ip_addresses=tuple(dict.fromkeys(ips)), valid_days=args.days
-    )
+    try:
+        ips: tuple[str, ...] = (str(ipaddress.ip_address(name)),)  # an IP address: certify it
+        dns_names: tuple[str, ...] = ()
+    except ValueError:
+        ips, dns_names = (), (name,)
+    if args.days > _MAX_DAYS:
+        raise CommandFailed(f"invalid --days {args.days}: at most {_MAX_DAYS}", EXIT_USAGE)
+    if Path(args.cert_out).resolve() == Path(args.key_out).resolve():
+        raise CommandFailed("--cert-out and --key-out name the same file", EXIT_USAGE)
+    try:
+        generated = generate_self_signed_certificate(
+            dns_names, tuple(dict.fromkeys((*ips, *_LOOPBACK))), valid_days=args.days
+        )
+    except ValueError as error:
+        raise CommandFailed(f"invalid --name: {error}", EXIT_USAGE) from None
     _write(args.cert_out, generated.certificate_pem, 0o644, "--cert-out")
     _write(args.key_out, generated.private_key_pem, 0o600, "--key-out")
     print(

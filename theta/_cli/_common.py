@@ -23,6 +23,7 @@ from theta import (
     SessionClosed,
     TransportError,
 )
+from theta.core._assets import DEFAULT_MAX_ASSET_SIZE
 
 __all__ = [
     "EXIT_CODES_HELP",
@@ -34,12 +35,14 @@ __all__ = [
     "EXIT_USAGE",
     "CommandFailed",
     "Endpoint",
+    "asset_size",
     "capabilities",
     "capability",
     "configure_logging",
     "endpoint",
     "fail",
     "load_manifest",
+    "message_count",
     "read_pem",
     "run",
     "session_config",
@@ -64,6 +67,7 @@ exit status:
 Every command appends TLS secrets to $SSLKEYLOGFILE when it is set (for Wireshark)."""
 
 _MAX_U32 = 0xFFFF_FFFF
+MAX_MESSAGES = 1_000_000  # echo-client builds its messages (≤ 512 B each) up front
 
 
 class CommandFailed(Exception):
@@ -166,6 +170,24 @@ def count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return int(text)
+
+
+def asset_size(text: str) -> int:
+    """An asset size in bytes, 0 up to what a peer accepts by default (an argparse type)."""
+    value = count(text)
+    if value > DEFAULT_MAX_ASSET_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"at most {DEFAULT_MAX_ASSET_SIZE} bytes (a peer's default limit), got {text!r}"
+        )
+    return value
+
+
+def message_count(text: str) -> int:
+    """A number of echoed messages, bounded so that they fit in memory (an argparse type)."""
+    value = count(text)
+    if value > MAX_MESSAGES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_MESSAGES} messages, got {text!r}")
+    return value
 
 
 def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,30 @@ def load_server_credentials(
     return chain, key
 
 
+_MAX_VALID_DAYS = 36500
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        return [names]
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(f"names must be str, not {names!r}")
+    return list(names)
+
+
+def _dns_name(name: str) -> str:
+    """``name`` in ASCII form, or ``ValueError`` if it is not a DNS name."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{name!r} is not a DNS name") from None
+    labels = ascii_name.removeprefix("*.").split(".")
+    if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{name!r} is not a DNS name")
+    return ascii_name
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SelfSignedCertificate:
     """A certificate and its private key, both PEM-encoded.
@@ -72,18 +98,33 @@ class SelfSignedCertificate:
 
 
 def generate_self_signed_certificate(
-    dns_names: tuple[str, ...] = ("localhost",),
-    ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+    dns_names: str | Sequence[str] = ("localhost",),
+    ip_addresses: str | Sequence[str] = ("127.0.0.1", "::1"),
     *,
     valid_days: int = 7,
 ) -> SelfSignedCertificate:
     """Generate an ECDSA P-256 self-signed leaf: ``CA=False``, the given DNS and IP SANs,
-    no extended key usage (the shape strict TLS stacks and both QUIC engines accept)."""
+    no extended key usage (the shape strict TLS stacks and both QUIC engines accept).
+
+    A single name may be passed as a ``str``; internationalized names are stored in their
+    ASCII (IDNA) form. ``ValueError`` for a name that is not a DNS name (a leading ``*.``
+    wildcard is allowed) or not an IP address, for no name at all, and for ``valid_days``
+    outside 1..36500."""
+    dns = [_dns_name(name) for name in _names(dns_names)]
+    ips = [ipaddress.ip_address(address) for address in _names(ip_addresses)]
+    if not dns and not ips:
+        raise ValueError("a certificate needs at least one DNS name or IP address")
+    if isinstance(valid_days, bool) or not isinstance(valid_days, int):
+        raise TypeError(f"valid_days must be an int, not {valid_days!r}")
+    if not 1 <= valid_days <= _MAX_VALID_DAYS:
+        raise ValueError(f"valid_days must be in 1..{_MAX_VALID_DAYS}, not {valid_days}")
+    common_name = dns[0] if dns else str(ips[0])
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])])
+    # A common name is limited to 64 characters; the SANs are what clients verify.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])])
     now = datetime.datetime.now(datetime.UTC)
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    alt_names += [x509.IPAddress(address) for address in ips]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
