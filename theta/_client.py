@@ -19,6 +19,7 @@ from theta._quic import (
     check_port,
     open_quic_connection,
 )
+from theta._quic import ConnectionRefused as QuicConnectionRefused
 from theta._quic import HandshakeTimeout as QuicHandshakeTimeout
 from theta._session import Session
 from theta._transport import client_quic_config
@@ -47,8 +48,9 @@ async def connect(
     Establishing means QUIC + TLS, the signed handshake and the replication and assets
     channels, all within ``config.handshake_timeout``. Raises :class:`HandshakeRejected`
     (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
-    bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when not even
-    QUIC answered), or the transport's error (e.g. the certificate was refused). Leaving
+    bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when nothing
+    answered at that address, or the host said nothing listens there), or the
+    transport's error (e.g. the certificate was refused). Leaving
     the block closes the session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block
     raised) and stops all its tasks. ``port`` must be an ``int`` in 1..65535.
     """
@@ -74,9 +76,16 @@ async def connect(
                         )
                         raise
                     await session.close()
-        except QuicHandshakeTimeout:
+        except QuicHandshakeTimeout as error:
+            within = f"within {config.handshake_timeout:g} s"
+            if error.peer_answered:
+                raise HandshakeTimeout(
+                    f"the QUIC handshake with {host}:{port} did not complete {within}"
+                ) from None
+            raise ServerUnreachable(f"no answer from {host}:{port} {within}") from None
+        except QuicConnectionRefused:
             raise ServerUnreachable(
-                f"no QUIC handshake with {host}:{port} within {config.handshake_timeout} s"
+                f"nothing listens at {host}:{port} (the host said: port unreachable)"
             ) from None
 
 

@@ -38,6 +38,8 @@ class SessionClosed(trio.BrokenResourceError):
 
 
 class ServerUnreachable(HandshakeTimeout):
-    """No QUIC handshake completed before the handshake deadline: nothing answered at that
-    address (or every packet was lost). A :class:`~theta.HandshakeTimeout`, so code that
-    handles timeouts handles this too."""
+    """No QUIC handshake at all: nothing answered at that address before the handshake
+    deadline (or every packet was lost), or the host reported that nothing listens there
+    (ICMP port unreachable). A :class:`~theta.HandshakeTimeout`, so code that handles
+    timeouts handles this too; a server that answered but too slowly raises a plain
+    :class:`~theta.HandshakeTimeout`."""

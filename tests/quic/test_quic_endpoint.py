@@ -8,6 +8,7 @@ import socket
 import struct
 from typing import Any, cast
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -240,3 +241,28 @@ async def test_handshakes_in_progress_are_counted_until_they_end(
             await connection.terminated.wait()
             assert isinstance(connection.error, HandshakeTimeout)
         assert endpoint.handshaking == 0
+
+
+async def test_a_handshake_timeout_says_whether_the_peer_answered(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer that answers with something that is not QUIC, and a silent one."""
+    babbler = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await babbler.bind(("127.0.0.1", 0))
+
+    async def babble() -> None:
+        while True:
+            _, addr = await babbler.recvfrom(65535)
+            await babbler.sendto(b"\x40" + bytes(40), addr)
+
+    nursery.start_soon(babble)
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await silent.bind(("127.0.0.1", 0))
+    with babbler, silent, trio.fail_after(30):
+        for peer, answered in ((babbler, True), (silent, False)):
+            config = client_config(handshake_timeout=1.0)
+            with pytest.raises(HandshakeTimeout) as info:
+                async with open_quic_connection("127.0.0.1", peer.getsockname()[1], config):
+                    pytest.fail("the handshake cannot complete")
+            assert info.value.peer_answered is answered
+        nursery.cancel_scope.cancel()

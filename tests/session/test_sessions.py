@@ -468,6 +468,27 @@ async def test_server_unreachable() -> None:
     assert info.value.code is ErrorCode.HANDSHAKE_TIMEOUT
 
 
+async def test_a_server_that_answered_too_slowly_is_not_unreachable(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo)
+    answered = 0
+
+    def after_the_first(_: bytes) -> bool:
+        nonlocal answered
+        answered += 1
+        return answered > 1
+
+    link = LinkConditioner(server.address, to_client=LinkConditionerConfig(drop=after_the_first))
+    await nursery.start(link.run)
+    config = client_config(handshake_timeout=0.5)
+    with trio.fail_after(5), pytest.raises(theta.HandshakeTimeout) as info:
+        async with theta.connect("127.0.0.1", link.address[1], config):
+            pytest.fail("the handshake cannot complete")
+    assert not isinstance(info.value, theta.ServerUnreachable)
+    assert "within 0.5 s" in str(info.value)
+
+
 def test_configuration_is_validated() -> None:
     with pytest.raises(ValueError, match="heartbeat_interval"):
         client_config(heartbeat_interval=5.0, heartbeat_timeout=5.0)

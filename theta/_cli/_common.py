@@ -314,11 +314,11 @@ def describe(error: BaseException) -> tuple[int, str]:
     elif isinstance(error, HandshakeRejected):
         code, message = EXIT_HANDSHAKE, f"handshake {error}"
     elif isinstance(error, HandshakeTimeout):
-        # No QUIC handshake at all (``connect`` raises from the QUIC driver's timeout): the
-        # server is unreachable or not speaking QUIC — a connection error, not a refusal.
+        # No QUIC handshake at all: the server is unreachable or not speaking QUIC — a
+        # connection error, not a refusal.
         unreachable = isinstance(error, ServerUnreachable)
         code = EXIT_TRANSPORT if unreachable else EXIT_HANDSHAKE
-        message = f"{'no answer' if unreachable else 'handshake timed out'}: {error.reason}"
+        message = f"{'server unreachable' if unreachable else 'handshake timed out'}: {error}"
     elif isinstance(error, HandshakeFailed):
         code, message = EXIT_HANDSHAKE, f"handshake failed: {error.code.name}: {error.reason}"
     elif isinstance(error, TransportError):

@@ -44,7 +44,10 @@ class IdleTimeout(TransportError):
 
 
 class HandshakeTimeout(TransportError):
-    """The handshake did not complete within ``QuicConfig.handshake_timeout``."""
+    """The handshake did not complete within ``QuicConfig.handshake_timeout``;
+    ``peer_answered`` says whether any datagram came from the peer meanwhile."""
+
+    peer_answered: bool = False
 
 
 class StreamResetError(trio.BrokenResourceError):
