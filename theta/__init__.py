@@ -16,7 +16,9 @@ from theta.core import (
     PROTOCOL_VERSION,
     Asset,
     AssetProgress,
+    Authenticator,
     ErrorCode,
+    FrameLimits,
     HandshakeFailed,
     HandshakeRejected,
     HandshakeTimeout,
@@ -26,25 +28,31 @@ from theta.core import (
 )
 
 if TYPE_CHECKING:
+    from theta._asset_channel import AssetChannel
     from theta._client import connect
     from theta._config import ClientConfig, ServerConfig
-    from theta._diagnostics import TransportDiagnostics
+    from theta._diagnostics import DiagnosticsWatch, TransportDiagnostics
     from theta._errors import ServerUnreachable, SessionClosed
-    from theta._quic import TransportError, generate_self_signed_certificate
+    from theta._quic import SelfSignedCertificate, TransportError, generate_self_signed_certificate
+    from theta._replication_channel import ReplicationChannel
     from theta._server import Server, SessionHandler, serve
     from theta._session import Session
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AssetChannel": "theta._asset_channel",
     "connect": "theta._client",
     "ClientConfig": "theta._config",
     "ServerConfig": "theta._config",
+    "DiagnosticsWatch": "theta._diagnostics",
     "TransportDiagnostics": "theta._diagnostics",
     "SessionClosed": "theta._errors",
     "ServerUnreachable": "theta._errors",
     "TransportError": "theta._quic",
+    "SelfSignedCertificate": "theta._quic",
     "generate_self_signed_certificate": "theta._quic",
+    "ReplicationChannel": "theta._replication_channel",
     "Server": "theta._server",
     "SessionHandler": "theta._server",
     "serve": "theta._server",
@@ -61,19 +69,29 @@ def __getattr__(name: str) -> object:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "CAP_ZSTD",
     "PROTOCOL_VERSION",
     "Asset",
+    "AssetChannel",
     "AssetProgress",
+    "Authenticator",
     "ClientConfig",
+    "DiagnosticsWatch",
     "ErrorCode",
+    "FrameLimits",
     "HandshakeFailed",
     "HandshakeRejected",
     "HandshakeTimeout",
     "ProtocolError",
+    "ReplicationChannel",
     "ReplicationMessage",
     "Role",
+    "SelfSignedCertificate",
     "Server",
     "ServerConfig",
     "ServerUnreachable",
