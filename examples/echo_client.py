@@ -32,12 +32,25 @@ async def main(ca_file: str, port: int) -> None:
             asset = await session.assets.receive()
             print(f"asset {asset.name!r}: {len(asset.data)} bytes back")
         stats = session.diagnostics()
-        print(f"heartbeat RTT {stats.rtt_smoothed}, {stats.bytes_sent} bytes sent")
+        rtt = (
+            "not measured yet"
+            if stats.rtt_smoothed is None
+            else f"{stats.rtt_smoothed * 1e3:.2f} ms"
+        )
+        print(f"heartbeat RTT {rtt}, {stats.bytes_sent} bytes sent")
     # Leaving the block closed the session gracefully (NO_ERROR).
 
 
 if __name__ == "__main__":
     try:
         trio.run(main, sys.argv[1], int(sys.argv[2]))
-    except theta.HandshakeRejected as error:
+    except theta.HandshakeRejected as error:  # the server said no, with its code
         sys.exit(f"rejected: {error.code.name}: {error.reason}")
+    except theta.ServerUnreachable as error:  # nothing answered, or nothing listens
+        sys.exit(f"server unreachable: {error.reason}")
+    except theta.ProtocolError as error:  # handshake failed or timed out
+        sys.exit(f"handshake: {error.code.name}: {error.reason}")
+    except theta.TransportError as error:  # e.g. the certificate was not trusted
+        sys.exit(f"QUIC/TLS error {error.code:#x}: {error.reason}")
+    except theta.SessionClosed as error:  # the session ended before the echoes came back
+        sys.exit(str(error))
