@@ -162,6 +162,7 @@ def test_echo_client_writes_tls_key_log(
     key_log = tmp_path / "keys.log"
     env = {**os.environ, "SSLKEYLOGFILE": str(key_log)}
     result = echo_client(certificate, server_port, "--messages", "1", "--asset-size", "0", env=env)
+    assert result.stdout.startswith("ok: 1 message and a 0-byte asset"), result.stdout
     assert result.returncode == 0, result.stderr
     assert "CLIENT_HANDSHAKE_TRAFFIC_SECRET" in key_log.read_text()
 
@@ -196,7 +197,8 @@ def test_wrong_ca_fails_with_one_line(
     result = echo_client((other, other), server_port)
     assert result.returncode == 4
     assert len(result.stderr.splitlines()) == 1
-    assert "error" in result.stderr
+    assert "QUIC/TLS error 0x12a:" in result.stderr
+    assert result.stderr.rstrip().endswith("(TLS bad_certificate)")
 
 
 def _ipv6_loopback() -> bool:

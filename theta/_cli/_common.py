@@ -67,6 +67,26 @@ exit status:
 Every command appends TLS secrets to $SSLKEYLOGFILE when it is set (for Wireshark)."""
 
 _MAX_U32 = 0xFFFF_FFFF
+_TLS_ALERT = 0x100  # QUIC's CRYPTO_ERROR range: 0x100 + the TLS alert
+_TLS_ALERTS = {
+    10: "unexpected_message",
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    50: "decode_error",
+    51: "decrypt_error: the server's key may not match its certificate",
+    70: "protocol_version",
+    80: "internal_error",
+    109: "missing_extension",
+    112: "unrecognized_name",
+    116: "certificate_required",
+    120: "no_application_protocol: the peer does not speak theta/1",
+}
 MAX_MESSAGES = 1_000_000  # echo-client builds its messages (≤ 512 B each) up front
 
 
@@ -323,6 +343,9 @@ def describe(error: BaseException) -> tuple[int, str]:
         code, message = EXIT_HANDSHAKE, f"handshake failed: {error.code.name}: {error.reason}"
     elif isinstance(error, TransportError):
         code, message = EXIT_TRANSPORT, f"QUIC/TLS error {error.code:#x}: {error.reason}"
+        if _TLS_ALERT <= error.code < _TLS_ALERT + 0x100:  # RFC 9001, section 4.8
+            alert = _TLS_ALERTS.get(error.code - _TLS_ALERT, f"alert {error.code - _TLS_ALERT}")
+            message = f"{message} (TLS {alert})"
     elif isinstance(error, SessionClosed):
         code, message = EXIT_TRANSPORT, str(error)
     elif isinstance(error, trio.BrokenResourceError | OSError):

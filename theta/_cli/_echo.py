@@ -201,7 +201,8 @@ def echo_client(args: argparse.Namespace) -> int:
         done = trio.current_time()
         rtt_text = f", heartbeat RTT {rtt * 1000:.2f} ms" if rtt is not None else ""
         print(
-            f"ok: {len(messages)} messages and a {args.asset_size}-byte asset echoed intact"
+            f"ok: {len(messages)} message{'' if len(messages) == 1 else 's'} and a"
+            f" {args.asset_size}-byte asset echoed intact"
             f" by {args.connect.text()} (handshake {(established - start) * 1000:.0f} ms,"
             f" echo {(done - established) * 1000:.0f} ms{rtt_text})",
             flush=True,
