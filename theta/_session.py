@@ -509,10 +509,16 @@ class Session:
                 continue
             if self._closed is not None:
                 return  # closing: "stops sending" (spec 4.6)
-            if self._connection.unidirectional_streams_refused:
-                raise ProtocolViolation("the peer opened a unidirectional stream")
             await self._control.send(heartbeats.build(trio.current_time()))
 
     async def _stray_streams(self) -> None:
-        await self._connection.accept_stream()
+        """Close at once when the peer opens a stream beyond the three channels (spec 2)."""
+        connection = self._connection
+        connection.on_unidirectional_stream = self._unidirectional_stream
+        if connection.unidirectional_streams_refused:  # during the handshake
+            self._unidirectional_stream()
+        await connection.accept_stream()
         raise ProtocolViolation("a stream beyond the three channels was opened")
+
+    def _unidirectional_stream(self) -> None:
+        self._fail(ProtocolViolation("the peer opened a unidirectional stream"))

@@ -118,6 +118,8 @@ class QuicConnection:
         """Connection ids routed to this connection (maintained by the endpoint)."""
         self.on_established: Callable[[QuicConnection], None] | None = None
         self.unidirectional_streams_refused = 0
+        self.on_unidirectional_stream: Callable[[], None] | None = None
+        """Called by the driver each time it has refused a peer's unidirectional stream."""
         self._datagrams_sent = self._bytes_sent = 0
         self._datagrams_received = self._bytes_received = 0
 
@@ -435,6 +437,8 @@ class QuicConnection:
                 self.unidirectional_streams_refused += 1
                 with contextlib.suppress(ValueError):  # already finished in the engine
                     self._quic.stop_stream(uni_id, 0)
+                if self.on_unidirectional_stream is not None:
+                    self.on_unidirectional_stream()
             return None
         # A new peer stream implicitly opens every lower-numbered one (RFC 9000, 3.2).
         while self._next_peer_bidi <= index:
