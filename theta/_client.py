@@ -85,7 +85,7 @@ async def connect(
             raise ServerUnreachable(f"no answer from {host}:{port} {within}") from None
         except QuicConnectionRefused:
             raise ServerUnreachable(
-                f"nothing listens at {host}:{port} (the host said: port unreachable)"
+                f"nothing listens at {host}:{port} (the network answered: unreachable)"
             ) from None
 
 

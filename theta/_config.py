@@ -13,7 +13,12 @@ from types import MappingProxyType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theta._quic import QuicConfig
-from theta._quic._certs import load_certificates, load_server_credentials, read_pem
+from theta._quic._certs import (
+    load_certificates,
+    load_private_key,
+    load_server_credentials,
+    read_pem,
+)
 from theta._replication_channel import _FRAME_OVERHEAD as _REPLICATION_FRAME_OVERHEAD
 from theta.core import (
     CAP_ZSTD,
@@ -261,6 +266,10 @@ class ServerConfig(_SessionConfig):
         certificate, private_key = _pem_now(self, "certificate"), _pem_now(self, "private_key")
         if certificate is not None and private_key is not None:
             load_server_credentials(certificate, private_key)
+        elif certificate is not None:  # the key is a file: matched when serve starts
+            load_certificates("certificate", certificate)
+        elif private_key is not None:
+            load_private_key(private_key)
         _check_int("default_role", self.default_role, 0, 0xFFFF_FFFF)
         _check_int("max_sessions", self.max_sessions, 1)
         _check_int("max_handshakes", self.max_handshakes, 1)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
+from aioquic.quic.configuration import QuicConfiguration
 
-from theta._quic import QuicConfig, QuicServer, open_quic_connection
+from theta._quic import QuicConfig, QuicServer, _engine, open_quic_connection
 from theta._quic._retry import RetryTokens
+from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .quic_helpers import client_config, echo_handler, send_silent_initial, start_server
 
@@ -85,12 +90,15 @@ async def test_always_every_client_proves_its_address_first(nursery: trio.Nurser
     assert server.retries_sent == 2
 
 
-async def test_never_no_client_is_asked(nursery: trio.Nursery) -> None:
-    server = await start_server(nursery, echo_handler, address_validation="never", max_handshakes=1)
-    with trio.fail_after(10):
-        await send_silent_initial(server)
-        assert len(server.connections) == 1  # one handshake in progress: full
-        assert server.refused_initials == 0
+async def test_never_no_client_is_asked(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, echo_handler, address_validation="never", max_handshakes=4)
+    with trio.fail_after(30):
+        for _ in range(3):
+            await send_silent_initial(server)
+        assert len(server.connections) == 3  # beyond half of the places, and still asked nothing
+        await _echo(server)
     assert server.retries_sent == 0
 
 
@@ -115,15 +123,74 @@ async def test_under_load_once_half_the_handshake_places_are_taken(
         assert server.retries_sent == 1
 
 
-async def test_an_initial_with_a_token_this_server_did_not_issue_is_dropped(
-    nursery: trio.Nursery,
+@pytest.mark.parametrize("mode", ["never", "under_load", "always"])
+async def test_a_token_this_server_did_not_issue_counts_as_none(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    server = await start_server(nursery, echo_handler, address_validation="always")
-    endpoint = server._endpoint
+    """Another server's NEW_TOKEN, say (RFC 9000, section 8.1.3): the client still gets
+    in, after a Retry when one is asked for."""
+    server = await start_server(nursery, echo_handler, address_validation=mode)
+    build = _engine.build_configuration
+
+    def with_a_foreign_token(config: QuicConfig, **kwargs: Any) -> QuicConfiguration:
+        configuration = build(config, **kwargs)
+        if kwargs["is_client"]:
+            configuration.token = b"\x01" + bytes(40)
+        return configuration
+
+    monkeypatch.setattr(_engine, "build_configuration", with_a_foreign_token)
     with trio.fail_after(10):
-        dropped = endpoint.dropped_datagrams
-        await send_silent_initial(server, token=b"\x01" + bytes(40))
-        assert endpoint.dropped_datagrams == dropped + 1
-        assert not server.connections
-        assert server.retries_sent == 0
-        await _echo(server)  # the server still serves
+        await _echo(server)
+    assert server.retries_sent == (1 if mode == "always" else 0)
+
+
+def test_a_token_cannot_be_recut_for_another_address() -> None:
+    """The MAC input length-prefixes every field: a client that chose its first
+    destination id to end like another address's encoding cannot move the boundary
+    between id and address and present its token from that address."""
+    tokens = RetryTokens(lifetime=10.0)
+    attacker, victim = ("127.0.0.1", 40000), ("10.9.8.7", 53)
+    host = victim[0].encode()
+    tail = bytes([len(host)]) + host + victim[1].to_bytes(2, "big")
+    original = b"\xaa" * (20 - len(tail)) + tail
+    token = tokens.issue(attacker, original, RETRY, now=1.0)
+    mac = token[-16:]
+    own_host = attacker[0].encode()
+    flat = token[:-16] + bytes([len(own_host)]) + own_host + attacker[1].to_bytes(2, "big") + RETRY
+    cut = len(token) - 16 - len(tail)
+    forged_body, forged_cid = flat[:cut], flat[cut + len(tail) :]
+    assert tokens._mac(forged_body, victim, forged_cid) != mac
+    assert tokens.validate(victim, forged_body + mac, forged_cid, now=1.0) is None
+
+
+async def test_a_late_copy_of_the_first_initial_reaches_the_validated_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A retransmission of the client's tokenless Initial that arrives after the Retry
+    (or a duplicate) goes to the connection the token made, not to a new one."""
+    server = await start_server(nursery, echo_handler, max_handshakes=2, handshake_timeout=1.0)
+    first: list[bytes] = []
+
+    def keep_the_first(data: bytes) -> bool:
+        if not first:
+            first.append(data)
+        return False
+
+    link = LinkConditioner(server.address, LinkConditionerConfig(drop=keep_the_first))
+    await nursery.start(link.run)
+    with trio.fail_after(30):
+        await send_silent_initial(server)  # one of two places: a Retry is asked for
+        silent = server.connections
+        async with open_quic_connection("127.0.0.1", link.address[1], client_config()) as conn:
+            assert server.retries_sent == 1
+            for connection in silent:
+                await connection.terminated.wait()  # no load any more
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as late:
+                await late.sendto(first[0], server.address)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server.connections) == 1
+            assert server._endpoint.handshaking == 0
+            stream = await conn.open_stream()
+            await stream.send_all(b"still fine")
+            await stream.send_eof()
+            assert await stream.receive_some() == b"still fine"

@@ -109,6 +109,16 @@ def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], m
         ({"certificate": b"garbage"}, ValueError, "certificate: no usable PEM certificates"),
         ({"private_key": b"garbage"}, ValueError, "private_key: no usable unencrypted PEM"),
         ({"certificate": 7}, TypeError, "certificate must be PEM bytes or a file path"),
+        (
+            {"certificate": b"garbage", "private_key": "key.pem"},
+            ValueError,
+            "certificate: no usable PEM certificates",
+        ),
+        (
+            {"certificate": "cert.pem", "private_key": b"garbage"},
+            ValueError,
+            "private_key: no usable unencrypted PEM",
+        ),
     ],
 )
 def test_server_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:

@@ -334,8 +334,8 @@ def describe(error: BaseException) -> tuple[int, str]:
     elif isinstance(error, HandshakeRejected):
         code, message = EXIT_HANDSHAKE, f"handshake {error}"
     elif isinstance(error, HandshakeTimeout):
-        # No QUIC handshake at all: the server is unreachable or not speaking QUIC — a
-        # connection error, not a refusal.
+        # Unreachable (nothing answered, nothing listens): a connection error. A
+        # handshake that timed out once the server had answered: a handshake error.
         unreachable = isinstance(error, ServerUnreachable)
         code = EXIT_TRANSPORT if unreachable else EXIT_HANDSHAKE
         message = f"{'server unreachable' if unreachable else 'handshake timed out'}: {error}"

@@ -200,12 +200,15 @@ async def serve_quic(
                         endpoint.refused_initials += 1
                         return None
                     now = trio.current_time()
-                    retry_cid: bytes | None = None
-                    if header.token:  # only a Retry of this endpoint gives one
-                        retry_cid = header.destination_cid
-                        original_cid = tokens.validate(addr, header.token, retry_cid, now)
-                        if original_cid is None:
-                            return None  # forged, expired, or from another address
+                    cids = [header.destination_cid]
+                    original_cid, retry_cid = header.destination_cid, None
+                    validated = header.token and tokens.validate(
+                        addr, header.token, header.destination_cid, now
+                    )
+                    if validated:  # the client came back after our Retry
+                        original_cid, retry_cid = validated, header.destination_cid
+                        if not endpoint.routes(original_cid):  # late copies of its first Initial
+                            cids.append(original_cid)
                     elif _wants_retry(config, endpoint.handshaking):
                         retry_cid = secrets.token_bytes(_engine.CID_LENGTH)
                         token = tokens.issue(addr, header.destination_cid, retry_cid, now)
@@ -213,8 +216,9 @@ async def serve_quic(
                         endpoint.send_datagrams_nowait([(retry, addr)])
                         endpoint.retries_sent += 1
                         return None
-                    else:
-                        original_cid = header.destination_cid
+                    # Otherwise no token, or one this endpoint cannot validate (another
+                    # server's NEW_TOKEN, an expired Retry token, another address): as if
+                    # there were none (RFC 9000, section 8.1.3).
                     engine = _engine.create_connection(
                         configuration,
                         max_peer_streams=config.max_concurrent_peer_streams,
@@ -223,7 +227,7 @@ async def serve_quic(
                     )
                     connection = QuicConnection(endpoint, engine, config, addr, is_client=False)
                     connection.on_established = established
-                    endpoint.add_connection(connection, [header.destination_cid, engine.host_cid])
+                    endpoint.add_connection(connection, [*cids, engine.host_cid])
                     nursery.start_soon(connection.run)
                     return connection
 

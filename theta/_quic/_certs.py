@@ -44,6 +44,14 @@ def load_certificates(name: str, source: PemSource) -> list[x509.Certificate]:
     return certificates
 
 
+def load_private_key(source: PemSource) -> Any:
+    """An unencrypted PEM private key; ``ValueError`` naming ``private_key`` otherwise."""
+    try:
+        return serialization.load_pem_private_key(read_pem("private_key", source), password=None)
+    except (ValueError, TypeError):  # TypeError: an encrypted key
+        raise ValueError("private_key: no usable unencrypted PEM private key in it") from None
+
+
 def load_server_credentials(
     certificate: PemSource, private_key: PemSource
 ) -> tuple[list[x509.Certificate], Any]:
@@ -51,12 +59,7 @@ def load_server_credentials(
     naming the field if either does not parse or the key is not the leaf's (TLS would
     then fail every handshake with no word on the server's side)."""
     chain = load_certificates("certificate", certificate)
-    try:
-        key = serialization.load_pem_private_key(
-            read_pem("private_key", private_key), password=None
-        )
-    except (ValueError, TypeError):  # TypeError: an encrypted key
-        raise ValueError("private_key: no usable unencrypted PEM private key in it") from None
+    key = load_private_key(private_key)
     if key.public_key().public_bytes(*_SPKI) != chain[0].public_key().public_bytes(*_SPKI):
         raise ValueError("private_key does not match the certificate (its first entry)")
     return chain, key
@@ -80,6 +83,12 @@ def _dns_name(name: str) -> str:
         ascii_name = name.encode("idna").decode("ascii")
     except UnicodeError:
         raise ValueError(f"{name!r} is not a DNS name") from None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{name!r} is an IP address: pass it in ip_addresses")
     labels = ascii_name.removeprefix("*.").split(".")
     if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"{name!r} is not a DNS name")

@@ -473,8 +473,9 @@ class QuicConnection:
     def _drop_undecryptable(self) -> None:
         """A server connection whose first datagrams held no packet that decrypts: forged
         or corrupted. It would hold a handshake slot until the handshake timeout; drop it
-        without a word (the client of a corrupted Initial retransmits it). Anyone can
-        still build Initials that decrypt: address validation (Retry) is not done."""
+        without a word (the client of a corrupted Initial retransmits it). Initials that
+        decrypt can still be built by anyone, from any address, until the server asks for
+        address validation (``QuicConfig.address_validation``)."""
         self._endpoint.dropped_datagrams += self._datagrams_received
         self._terminate(TransportError(_INTERNAL_ERROR, "no packet of the first datagram decrypts"))
 

@@ -112,6 +112,10 @@ class UdpEndpoint:
         for cid in cids:
             self.add_cid(connection, cid)
 
+    def routes(self, cid: bytes) -> bool:
+        """Whether datagrams for ``cid`` go to a connection already."""
+        return cid in self._by_cid
+
     def add_cid(self, connection: QuicConnection, cid: bytes) -> None:
         """Route ``cid`` to ``connection`` (from ConnectionIdIssued)."""
         if self._client is None and connection in self.connections:

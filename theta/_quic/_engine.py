@@ -199,8 +199,8 @@ def build_configuration(
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
             if config.ca_certs is not None:
-                load_certificates("ca_certs", config.ca_certs)  # a clear error now
                 configuration.cadata = read_pem("ca_certs", config.ca_certs)
+                load_certificates("ca_certs", configuration.cadata)  # a clear error now
     else:
         if config.certificate is None or config.private_key is None:
             raise ValueError("a server needs both certificate and private_key")

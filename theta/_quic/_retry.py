@@ -61,12 +61,15 @@ class RetryTokens:
             or len(original_cid) != body[_HEADER.size]
             or len(original_cid) > _MAX_CID_LENGTH
         ):
-            return None  # pragma: no cover - only this endpoint's key makes a valid MAC
+            return None  # the MAC input is unambiguous: only a key holder gets here
         if not issued_at <= int(now * 1e6) <= issued_at + self._lifetime_us:
             return None
         return original_cid
 
     def _mac(self, body: bytes, address: tuple[Any, ...], retry_cid: bytes) -> bytes:
+        # Every variable-length field is length-prefixed: no two (token, address, id)
+        # triples share a MAC input, so a token cannot be re-cut for another address.
         host, port = str(address[0]).encode(), int(address[1])
-        message = b"".join((body, bytes([len(host)]), host, port.to_bytes(2, "big"), retry_cid))
+        fields = (body, host, port.to_bytes(2, "big"), retry_cid)
+        message = b"".join(len(field).to_bytes(2, "big") + field for field in fields)
         return hmac.digest(self._key, message, hashlib.sha256)[:_MAC_SIZE]
