@@ -272,6 +272,11 @@ class Session:
                 if not patient or left >= unacknowledged:
                     break
                 unacknowledged = left
+        if isinstance(self._connection.error, ConnectionClosedByPeer):
+            # The peer closed the connection itself, after our SessionClose or on its own:
+            # what is left unacknowledged on the control stream no longer matters. (Under
+            # load, the peer's ACK of the SessionClose can fail to arrive before its close.)
+            streams = [stream for stream in streams if stream is not self._control.stream]
         left = sum(stream.unacked_bytes() for stream in streams)
         if left:
             logger.warning(

@@ -14,7 +14,7 @@ import trio.testing
 
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
-from theta._quic import ConnectionStats
+from theta._quic import ConnectionClosedByPeer, ConnectionStats, QuicConnection, QuicStream
 from theta.core import ClientHandshake, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
@@ -651,4 +651,35 @@ async def test_a_close_on_a_path_that_needed_probes_reports_nothing_false(
                 return dataclasses.replace(stats, engine=engine)
 
             connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+    assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_the_peer_closing_first_settles_the_session_close(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the peer's ACK of our SessionClose can arrive after its own close (seen
+    when 500 sessions close at once): the control stream then still shows unacknowledged
+    bytes, but the peer has closed, so nothing was abandoned."""
+    server = await start_server(nursery, echo)
+
+    async def until_the_peer_closes(self: QuicConnection, streams: object = None) -> None:
+        await self.terminated.wait()
+
+    def control_bytes_never_acknowledged(self: QuicStream) -> int:
+        return 60 if self.stream_id == 0 else 0
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            connection = session._connection
+            real_stats = connection.stats
+
+            def stats_after_a_probe() -> ConnectionStats:
+                stats = real_stats()
+                engine = dataclasses.replace(stats.engine, probe_timeouts=1)
+                return dataclasses.replace(stats, engine=engine)
+
+            connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+            monkeypatch.setattr(QuicConnection, "wait_acknowledged", until_the_peer_closes)
+            monkeypatch.setattr(QuicStream, "unacked_bytes", control_bytes_never_acknowledged)
+    assert isinstance(connection.error, ConnectionClosedByPeer)
     assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]
