@@ -275,7 +275,9 @@ class Session:
         if isinstance(self._connection.error, ConnectionClosedByPeer):
             # The peer closed the connection itself, after our SessionClose or on its own:
             # what is left unacknowledged on the control stream no longer matters. (Under
-            # load, the peer's ACK of the SessionClose can fail to arrive before its close.)
+            # load the SessionClose's packet can be declared lost before its ACK comes;
+            # aioquic then ignores that ACK and waits for the retransmission's, which the
+            # peer, closing, may never send.)
             streams = [stream for stream in streams if stream is not self._control.stream]
         left = sum(stream.unacked_bytes() for stream in streams)
         if left:
