@@ -272,9 +272,14 @@ class Session:
                 if not patient or left >= unacknowledged:
                     break
                 unacknowledged = left
-        if isinstance(self._connection.error, ConnectionClosedByPeer):
-            # The peer closed the connection itself, after our SessionClose or on its own:
-            # what is left unacknowledged on the control stream no longer matters. (Under
+        error = self._connection.error
+        if (
+            isinstance(error, ConnectionClosedByPeer)
+            and self._closed is not None
+            and (error.code == self._closed.code)
+        ):
+            # The peer closed the connection with our code: it answered our SessionClose,
+            # so what is left unacknowledged on the control stream was received. (Under
             # load the SessionClose's packet can be declared lost before its ACK comes;
             # aioquic then ignores that ACK and waits for the retransmission's, which the
             # peer, closing, may never send.)

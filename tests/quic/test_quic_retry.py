@@ -23,11 +23,13 @@ ORIGINAL, RETRY = b"\x01" * 8, b"\x02" * 8
 def test_a_token_gives_back_the_original_connection_id() -> None:
     tokens = RetryTokens(lifetime=10.0)
     token = tokens.issue(ADDRESS, ORIGINAL, RETRY, now=100.0)
-    assert tokens.validate(ADDRESS, token, RETRY, now=100.0) == ORIGINAL
-    assert tokens.validate(ADDRESS, token, RETRY, now=110.0) == ORIGINAL
+    assert tokens.validate(ADDRESS, token, RETRY, now=100.0) == (ORIGINAL, True)
+    assert tokens.validate(ADDRESS, token, RETRY, now=110.0) == (ORIGINAL, True)
+    assert tokens.validate(ADDRESS, token, RETRY, now=110.001) == (ORIGINAL, False)
+    assert tokens.validate(ADDRESS, token, RETRY, now=99.999) == (ORIGINAL, False)
     long_original = bytes(range(20))
     token = tokens.issue(("::1", 1, 0, 0), long_original, RETRY, now=0.0)
-    assert tokens.validate(("::1", 1, 0, 0), token, RETRY, now=0.0) == long_original
+    assert tokens.validate(("::1", 1, 0, 0), token, RETRY, now=0.0) == (long_original, True)
 
 
 @pytest.mark.parametrize(
@@ -36,8 +38,6 @@ def test_a_token_gives_back_the_original_connection_id() -> None:
         "other port",
         "other host",
         "other connection id",
-        "expired",
-        "from the future",
         "tampered",
         "truncated",
         "empty",
@@ -54,10 +54,6 @@ def test_a_token_is_worth_nothing_elsewhere(case: str) -> None:
         address = ("127.0.0.2", 4433)
     elif case == "other connection id":
         cid = b"\x03" * 8
-    elif case == "expired":
-        now = 110.001
-    elif case == "from the future":
-        now = 99.999
     elif case == "tampered":
         token = token[:10] + bytes([token[10] ^ 1]) + token[11:]
     elif case == "truncated":
@@ -194,3 +190,30 @@ async def test_a_late_copy_of_the_first_initial_reaches_the_validated_connection
             await stream.send_all(b"still fine")
             await stream.send_eof()
             assert await stream.receive_some() == b"still fine"
+
+
+async def test_a_token_that_expired_in_flight_still_gets_the_client_in(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client's Initials carrying its token are lost until the token has expired
+    (and the load has gone): the token is still this server's, for this address, so the
+    connection is made with the Retry's ids (without them the client must abort)."""
+    server = await start_server(nursery, echo_handler, max_handshakes=2, handshake_timeout=1.0)
+    started = trio.current_time()
+
+    def lose_tokens_for_a_while(data: bytes) -> bool:
+        header = _engine.parse_header_untrusted(data, _engine.CID_LENGTH)
+        carries_token = header is not None and bool(header.token)
+        return carries_token and trio.current_time() - started < 1.6
+
+    link = LinkConditioner(server.address, LinkConditionerConfig(drop=lose_tokens_for_a_while))
+    await nursery.start(link.run)
+    await send_silent_initial(server)  # one of two places: a Retry is asked for
+    config = client_config(handshake_timeout=10.0)
+    with trio.fail_after(30):
+        async with open_quic_connection("127.0.0.1", link.address[1], config) as connection:
+            stream = await connection.open_stream()
+            await stream.send_all(b"late but in")
+            await stream.send_eof()
+            assert await stream.receive_some() == b"late but in"
+    assert server.retries_sent == 1

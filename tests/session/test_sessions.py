@@ -683,3 +683,30 @@ async def test_the_peer_closing_first_settles_the_session_close(
             monkeypatch.setattr(QuicStream, "unacked_bytes", control_bytes_never_acknowledged)
     assert isinstance(connection.error, ConnectionClosedByPeer)
     assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(("peer_code", "reported"), [(0, False), (12, True)])
+async def test_only_a_peer_echoing_our_code_settles_the_session_close(
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    peer_code: int,
+    reported: bool,
+) -> None:
+    """A peer that closed with another code may never have seen our SessionClose."""
+    server = await start_server(nursery, echo)
+
+    async def at_once(self: QuicConnection, streams: object = None) -> None:
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            connection = session._connection
+            with monkeypatch.context() as patches:
+                patches.setattr(QuicConnection, "wait_acknowledged", at_once)
+                patches.setattr(QuicStream, "unacked_bytes", lambda self: 60)
+                patches.setattr(connection, "error", ConnectionClosedByPeer(peer_code, ""))
+                patches.setattr(session, "_closed", SessionClosed(0, "", by_peer=False))
+                await session._wait_acknowledged([session._control.stream], patient=True)
+    warned = [r.message for r in caplog.records if "not acknowledged" in r.message]
+    assert bool(warned) is reported

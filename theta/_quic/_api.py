@@ -202,23 +202,32 @@ async def serve_quic(
                     now = trio.current_time()
                     cids = [header.destination_cid]
                     original_cid, retry_cid = header.destination_cid, None
-                    validated = header.token and tokens.validate(
-                        addr, header.token, header.destination_cid, now
+                    ours = (
+                        tokens.validate(addr, header.token, header.destination_cid, now)
+                        if header.token
+                        else None
                     )
-                    if validated:  # the client came back after our Retry
-                        original_cid, retry_cid = validated, header.destination_cid
+                    wants_retry = _wants_retry(config, endpoint.handshaking)
+                    if ours:  # the client came back after our Retry
+                        original_cid, fresh = ours
+                        if not fresh and wants_retry:
+                            # It would ignore a second Retry; it gets in once the load
+                            # has gone (its handshake timeout permitting).
+                            return None
+                        retry_cid = header.destination_cid
                         if not endpoint.routes(original_cid):  # late copies of its first Initial
                             cids.append(original_cid)
-                    elif _wants_retry(config, endpoint.handshaking):
+                    elif wants_retry:
                         retry_cid = secrets.token_bytes(_engine.CID_LENGTH)
                         token = tokens.issue(addr, header.destination_cid, retry_cid, now)
                         retry = _engine.retry_packet(header, retry_cid, token)
                         endpoint.send_datagrams_nowait([(retry, addr)])
                         endpoint.retries_sent += 1
                         return None
-                    # Otherwise no token, or one this endpoint cannot validate (another
-                    # server's NEW_TOKEN, an expired Retry token, another address): as if
-                    # there were none (RFC 9000, section 8.1.3).
+                    # Otherwise no token, or one this endpoint did not issue for this
+                    # address (another server's NEW_TOKEN, say): as if there were none
+                    # (RFC 9000, section 8.1.3). A Retry token presented from a new address
+                    # cannot work: that client rejects a connection without the Retry's ids.
                     engine = _engine.create_connection(
                         configuration,
                         max_peer_streams=config.max_concurrent_peer_streams,

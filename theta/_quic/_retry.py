@@ -45,10 +45,10 @@ class RetryTokens:
 
     def validate(
         self, address: tuple[Any, ...], token: bytes, destination_cid: bytes, now: float
-    ) -> bytes | None:
-        """The original destination connection id carried by ``token``, if this endpoint
-        issued it for ``address`` and ``destination_cid`` (the Retry's connection id) and
-        it has not expired; ``None`` otherwise."""
+    ) -> tuple[bytes, bool] | None:
+        """``(original destination connection id, fresh)`` if this endpoint issued
+        ``token`` for ``address`` and ``destination_cid`` (the Retry's connection id);
+        ``fresh`` is False once it has expired. ``None`` if it is not such a token."""
         if len(token) < _HEADER.size + 1 + _MAC_SIZE:
             return None
         body, mac = token[:-_MAC_SIZE], token[-_MAC_SIZE:]
@@ -62,9 +62,7 @@ class RetryTokens:
             or len(original_cid) > _MAX_CID_LENGTH
         ):
             return None  # the MAC input is unambiguous: only a key holder gets here
-        if not issued_at <= int(now * 1e6) <= issued_at + self._lifetime_us:
-            return None
-        return original_cid
+        return original_cid, issued_at <= int(now * 1e6) <= issued_at + self._lifetime_us
 
     def _mac(self, body: bytes, address: tuple[Any, ...], retry_cid: bytes) -> bytes:
         # Every variable-length field is length-prefixed: no two (token, address, id)
