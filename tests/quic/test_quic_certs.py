@@ -49,6 +49,7 @@ def test_a_long_name_keeps_its_san_and_a_cut_common_name() -> None:
         ({"dns_names": "-leading.example"}, ValueError, "is not a DNS name"),
         ({"dns_names": "a" * 64 + ".example"}, ValueError, "is not a DNS name"),
         ({"dns_names": "127.0.0.1"}, ValueError, "is an IP address: pass it in ip_addresses"),
+        ({"dns_names": "127.1"}, ValueError, "is not a DNS name"),
         ({"dns_names": (), "ip_addresses": ()}, ValueError, "at least one DNS name or IP"),
         ({"ip_addresses": "localhost"}, ValueError, "does not appear to be an IPv4 or IPv6"),
         ({"dns_names": [b"bytes"]}, TypeError, "names must be str"),

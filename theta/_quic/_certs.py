@@ -90,7 +90,11 @@ def _dns_name(name: str) -> str:
     else:
         raise ValueError(f"{name!r} is an IP address: pass it in ip_addresses")
     labels = ascii_name.removeprefix("*.").split(".")
-    if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+    if (
+        len(ascii_name) > 253
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()  # a top-level label is never all-numeric (RFC 3696)
+    ):
         raise ValueError(f"{name!r} is not a DNS name")
     return ascii_name
 
