@@ -317,3 +317,18 @@ def test_unusable_tls_material_is_a_usage_error(
         f"theta echo-client: error: cannot write the TLS key log {env['SSLKEYLOGFILE']}"
         " (SSLKEYLOGFILE): No such file or directory"
     ]
+
+
+def test_ctrl_c_while_importing_exits_130_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.abc
+
+    from theta.__main__ import run
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, *args: object) -> None:
+            if name == "theta._cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "theta._cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert run() == 130

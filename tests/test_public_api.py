@@ -15,6 +15,7 @@ def test_every_exported_name_resolves_and_is_documented() -> None:
             undocumented.append(name)
     assert undocumented == []
     assert set(theta.__all__) <= set(dir(theta))
+    assert not {"TYPE_CHECKING", "annotations", "importlib"} & set(dir(theta))
 
 
 def test_the_types_a_session_hands_out_are_exported() -> None:
