@@ -25,10 +25,13 @@ from theta.core import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
+    PROTOCOL_VERSION,
     Authenticator,
     FrameLimits,
     Role,
+    SessionHello,
     canonical_manifest,
+    encode_frame,
     schema_hash,
 )
 from theta.core._handshake import MAX_AUTH_TOKEN_LENGTH, MAX_CAPABILITIES
@@ -71,6 +74,25 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValueError(f"{name} must be positive")
     if not math.isfinite(seconds):
         raise ValueError(f"{name} must be finite")
+
+
+# The payload of the largest legal SessionHello (64 capabilities, a 4096-byte token): the
+# smallest control frame limit with which every handshake can succeed.
+_LARGEST_HELLO = (
+    len(
+        encode_frame(
+            SessionHello(
+                protocol_version=PROTOCOL_VERSION,
+                schema_hash=2**64 - 1,
+                nonce=bytes(24),
+                capabilities=tuple(range(2**32 - MAX_CAPABILITIES, 2**32)),
+                auth_token=bytes(MAX_AUTH_TOKEN_LENGTH),
+                public_key=bytes(32),
+            )
+        )
+    )
+    - 4
+)
 
 
 def _pem_now(config: object, name: str) -> bytes | None:
@@ -149,6 +171,11 @@ class _SessionConfig:
             raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
         if not isinstance(self.frame_limits, FrameLimits):
             raise TypeError(f"frame_limits must be a FrameLimits, not {self.frame_limits!r}")
+        if self.frame_limits.control < _LARGEST_HELLO:
+            raise ValueError(
+                f"frame_limits.control must be at least {_LARGEST_HELLO} (the largest"
+                f" SessionHello a peer may send), not {self.frame_limits.control}"
+            )
         if self.frame_limits.replication <= _REPLICATION_FRAME_OVERHEAD:
             raise ValueError(
                 f"frame_limits.replication must be above {_REPLICATION_FRAME_OVERHEAD} (the"

@@ -15,7 +15,7 @@ import trio.testing
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
 from theta._quic import ConnectionClosedByPeer, ConnectionStats, QuicConnection, QuicStream
-from theta.core import ClientHandshake, ReplicationMessage
+from theta.core import ClientHandshake, FrameLimits, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .helpers import (
@@ -710,3 +710,14 @@ async def test_only_a_peer_echoing_our_code_settles_the_session_close(
                 await session._wait_acknowledged([session._control.stream], patient=True)
     warned = [r.message for r in caplog.records if "not acknowledged" in r.message]
     assert bool(warned) is reported
+
+
+async def test_the_smallest_control_limit_allowed_takes_the_largest_hello(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo, frame_limits=FrameLimits(control=4504))
+    config = client_config(capabilities=range(2**32 - 64, 2**32), auth_token=b"t" * 4096)
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            await session.replication.send(b"in", tick=1)
+            assert (await session.replication.receive()).payload == b"in"
