@@ -171,11 +171,6 @@ class _SessionConfig:
             raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
         if not isinstance(self.frame_limits, FrameLimits):
             raise TypeError(f"frame_limits must be a FrameLimits, not {self.frame_limits!r}")
-        if self.frame_limits.control < _LARGEST_HELLO:
-            raise ValueError(
-                f"frame_limits.control must be at least {_LARGEST_HELLO} (the largest"
-                f" SessionHello a peer may send), not {self.frame_limits.control}"
-            )
         if self.frame_limits.replication <= _REPLICATION_FRAME_OVERHEAD:
             raise ValueError(
                 f"frame_limits.replication must be above {_REPLICATION_FRAME_OVERHEAD} (the"
@@ -298,6 +293,11 @@ class ServerConfig(_SessionConfig):
         elif private_key is not None:
             load_private_key(private_key)
         _check_int("default_role", self.default_role, 0, 0xFFFF_FFFF)
+        if self.frame_limits.control < _LARGEST_HELLO:
+            raise ValueError(
+                f"frame_limits.control must be at least {_LARGEST_HELLO} (the largest"
+                f" SessionHello a client may send), not {self.frame_limits.control}"
+            )
         _check_int("max_sessions", self.max_sessions, 1)
         _check_int("max_handshakes", self.max_handshakes, 1)
         QuicConfig(address_validation=self.address_validation)  # the QUIC layer checks it

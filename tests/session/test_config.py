@@ -42,11 +42,6 @@ _BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
         ValueError,
         r"frame_limits\.replication must be above 84",
     ),
-    (
-        {"frame_limits": FrameLimits(control=4503)},
-        ValueError,
-        r"frame_limits\.control must be at least 4504 \(the largest SessionHello",
-    ),
     ({"max_asset_size": -1}, ValueError, "max_asset_size must be non-negative"),
     ({"max_asset_size": 1.5}, TypeError, "max_asset_size must be an int"),
     ({"asset_chunk_size": 2**20 + 1}, ValueError, r"asset_chunk_size must be in 1\.\.1048576"),
@@ -110,6 +105,11 @@ def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], m
         ({"max_handshakes": -1}, ValueError, "max_handshakes must be at least 1"),
         ({"authenticator": 3}, TypeError, "authenticator must be callable"),
         ({"address_validation": "sometimes"}, ValueError, "address_validation must be one of"),
+        (
+            {"frame_limits": FrameLimits(control=4503)},
+            ValueError,
+            r"frame_limits\.control must be at least 4504 \(the largest SessionHello",
+        ),
         ({"private_key": _OTHER.private_key_pem}, ValueError, "private_key does not match"),
         ({"certificate": b"garbage"}, ValueError, "certificate: no usable PEM certificates"),
         ({"private_key": b"garbage"}, ValueError, "private_key: no usable unencrypted PEM"),
