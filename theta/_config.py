@@ -17,7 +17,7 @@ from theta._quic._certs import (
     load_certificates,
     load_private_key,
     load_server_credentials,
-    read_pem,
+    pem_bytes,
 )
 from theta._replication_channel import _FRAME_OVERHEAD as _REPLICATION_FRAME_OVERHEAD
 from theta.core import (
@@ -98,13 +98,9 @@ _LARGEST_HELLO = (
 def _pem_now(config: object, name: str) -> bytes | None:
     """Check the PEM field ``name``: PEM bytes (stored as ``bytes`` and returned, to be
     parsed now) or the path of a file (read when a session starts: ``None``)."""
-    value = getattr(config, name)
-    if isinstance(value, Path) or (
-        isinstance(value, str) and not value.lstrip().startswith("-----BEGIN")
-    ):
-        return None
-    data = read_pem(name, value)  # TypeError: PEM text in a str, or not bytes-like
-    object.__setattr__(config, name, data)
+    data = pem_bytes(name, getattr(config, name))
+    if data is not None:
+        object.__setattr__(config, name, data)
     return data
 
 

@@ -276,7 +276,7 @@ class Session:
         if (
             isinstance(error, ConnectionClosedByPeer)
             and self._closed is not None
-            and (error.code == self._closed.code)
+            and error.code == self._closed.code
         ):
             # The peer closed the connection with our code: it answered our SessionClose,
             # so what is left unacknowledged on the control stream was received. (Under

@@ -21,16 +21,26 @@ from ._config import PemSource
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def read_pem(name: str, source: object) -> bytes:
-    """The PEM bytes of ``source`` (bytes-like, or the path of a file as ``str`` or
-    ``Path``). ``TypeError`` names ``name`` for anything else, including PEM text passed
-    as a ``str`` (a ``str`` is a path); ``OSError`` if the file cannot be read."""
+def pem_bytes(name: str, source: object) -> bytes | None:
+    """``source`` as ``bytes`` if it is PEM data (bytes-like), ``None`` if it is the path
+    of a file (``str`` or ``Path``). ``TypeError`` names ``name`` for anything else,
+    including PEM text passed as a ``str`` (a ``str`` is a path)."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     if isinstance(source, str) and source.lstrip().startswith("-----BEGIN"):
         raise TypeError(f"{name} holds PEM text as a str: pass it as bytes (a str is a path)")
     if not isinstance(source, str | Path):
         raise TypeError(f"{name} must be PEM bytes or a file path, not {source!r}")
+    return None
+
+
+def read_pem(name: str, source: object) -> bytes:
+    """The PEM bytes of ``source`` (see :func:`pem_bytes`), reading a file if it names
+    one; ``OSError`` if the file cannot be read."""
+    data = pem_bytes(name, source)
+    if data is not None:
+        return data
+    assert isinstance(source, str | Path)  # pem_bytes refused anything else
     return Path(source).read_bytes()
 
 

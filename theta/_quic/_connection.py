@@ -482,11 +482,8 @@ class QuicConnection:
     def _give_up_handshake(self) -> None:
         self._tell_peer_nowait(0, "handshake timed out")
         answered = self._datagrams_received > 0
-        error = HandshakeTimeout(
-            _INTERNAL_ERROR, "handshake timed out" if answered else "no answer from the peer"
-        )
-        error.peer_answered = answered
-        self._terminate(error)
+        reason = "handshake timed out" if answered else "no answer from the peer"
+        self._terminate(HandshakeTimeout(_INTERNAL_ERROR, reason, peer_answered=answered))
 
     def _fail_engine(self, exc: BaseException) -> None:
         logger.warning("QUIC engine error, closing connection: %r", exc)

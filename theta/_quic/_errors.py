@@ -47,7 +47,9 @@ class HandshakeTimeout(TransportError):
     """The handshake did not complete within ``QuicConfig.handshake_timeout``;
     ``peer_answered`` says whether any datagram came from the peer meanwhile."""
 
-    peer_answered: bool = False
+    def __init__(self, code: int, reason: str, *, peer_answered: bool = False) -> None:
+        super().__init__(code, reason)
+        self.peer_answered = peer_answered
 
 
 class StreamResetError(trio.BrokenResourceError):
