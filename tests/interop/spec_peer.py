@@ -710,6 +710,28 @@ def decode_payload(payload: bytes) -> tuple[BodyType, Message]:
 # --------------------------------------------------------------------------------------------
 
 
+def decompress_replication(message: ReplicationMessage) -> bytes:
+    """The payload of a compressed replication message (section 4.5), decoded within the
+    replication limit; :class:`SpecDeviation` if it is not zstd or its size is wrong."""
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(message.payload) as reader:
+            while len(out) <= REPLICATION_LIMIT:
+                chunk = reader.read(REPLICATION_LIMIT + 1 - len(out))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as exc:
+        raise SpecDeviation("4.5", ErrorCode.MALFORMED_FRAME, f"bad zstd: {exc}") from None
+    if len(out) != message.uncompressed_size or len(out) > REPLICATION_LIMIT:
+        raise SpecDeviation(
+            "4.5",
+            ErrorCode.MALFORMED_FRAME,
+            f"decompressed to {len(out)} bytes, uncompressed_size says {message.uncompressed_size}",
+        )
+    return bytes(out)
+
+
 class _PeerProtocol(QuicConnectionProtocol):
     """Routes aioquic events to per-stream readers and records how the connection ended."""
 
@@ -1404,24 +1426,7 @@ class SpecPeer:
             raise SpecDeviation(
                 "4.5", ErrorCode.PROTOCOL_VIOLATION, "compressed without negotiating 0x80000001"
             )
-        out = bytearray()
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(message.payload) as reader:
-                while len(out) <= REPLICATION_LIMIT:
-                    chunk = reader.read(REPLICATION_LIMIT + 1 - len(out))
-                    if not chunk:
-                        break
-                    out += chunk
-        except zstandard.ZstdError as exc:
-            raise SpecDeviation("4.5", ErrorCode.MALFORMED_FRAME, f"bad zstd: {exc}") from None
-        if len(out) != message.uncompressed_size or len(out) > REPLICATION_LIMIT:
-            raise SpecDeviation(
-                "4.5",
-                ErrorCode.MALFORMED_FRAME,
-                f"decompressed to {len(out)} bytes, uncompressed_size says "
-                f"{message.uncompressed_size}",
-            )
-        return bytes(out)
+        return decompress_replication(message)
 
     async def _assets_reader(self, stream: FramedStream) -> None:
         expected = len(self.options.assets) if self.options.expect_asset_echo else 0

@@ -69,6 +69,7 @@ from .spec_peer import (
     SessionReject,
     SpecDeviation,
     decode_payload,
+    decompress_replication,
     encode_frame,
     handshake_transcript,
     is_ed25519_point,
@@ -849,23 +850,7 @@ class ServerConnection(QuicConnectionProtocol):
             raise SpecDeviation(
                 "4.5", ErrorCode.PROTOCOL_VIOLATION, "compressed payload without CAP_ZSTD"
             )
-        out = bytearray()
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(message.payload) as reader:
-                while len(out) <= REPLICATION_LIMIT:
-                    chunk = reader.read(REPLICATION_LIMIT + 1 - len(out))
-                    if not chunk:
-                        break
-                    out += chunk
-        except zstandard.ZstdError as exc:
-            raise SpecDeviation("4.5", ErrorCode.MALFORMED_FRAME, f"bad zstd: {exc}") from None
-        if len(out) != message.uncompressed_size or len(out) > REPLICATION_LIMIT:
-            raise SpecDeviation(
-                "4.5",
-                ErrorCode.MALFORMED_FRAME,
-                f"decompressed {len(out)} bytes, uncompressed_size {message.uncompressed_size}",
-            )
-        return bytes(out)
+        return decompress_replication(message)
 
     def replication_frame(self, tick: int, payload: bytes) -> ReplicationMessage:
         if self.behaviour.compress_echo and CAP_ZSTD in self.negotiated and payload:
