@@ -104,6 +104,7 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
                 await connection.open_stream(), FrameDecoder(Channel.CONTROL, limits=limits)
             )
             await control.send(machine.start(trio.current_time()))
+            control.stream.request_flush()  # the hello joins the TLS Finished now
             reply = await control.receive()
             if reply is None:
                 raise HandshakeFailed("the server ended the control stream during the handshake")
@@ -120,6 +121,7 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
                 )
                 await stream.send(ChannelOpen(channel))
                 channels.append(stream)
+            control.stream.request_flush()  # the confirm and both channels are written
         except HandshakeRejected as error:
             connection.close_nowait(error.code, error.reason)
             raise

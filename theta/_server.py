@@ -252,6 +252,7 @@ async def _handshake(
         else:
             assert reply is not None
             await control.send(reply)
+            control.stream.request_flush()  # the answer to the hello is complete
             confirm = await control.receive()
             if confirm is None:
                 raise ProtocolViolation("the control stream ended during the handshake")

@@ -497,6 +497,7 @@ class Session:
                     # then joins the ACK of the client's); the sender sleeps on.
                     await self._control.send(heartbeats.build(now))
                     self._sender_wait.deadline = heartbeats.get_timer()
+                self._control.stream.request_flush()  # a heartbeat has no other answer
             elif isinstance(message, SessionClose):
                 await self._peer_closed(message.code, message.reason)
                 return
@@ -522,6 +523,7 @@ class Session:
             if self._closed is not None:
                 return  # closing: "stops sending" (spec 4.6)
             await self._control.send(heartbeats.build(trio.current_time()))
+            self._control.stream.request_flush()
 
     async def _stray_streams(self) -> None:
         """Close at once when the peer opens a stream beyond the three channels (spec 2)."""

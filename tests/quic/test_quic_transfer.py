@@ -177,3 +177,34 @@ async def test_an_answer_leaves_in_the_round_that_received_the_request(
     # Each request (which also acknowledges the previous answer) is answered, and
     # acknowledged, by one transmit of the server: not one for the ACK and one for the echo.
     assert server_transmits <= 52
+
+
+@pytest.mark.parametrize("answer", [b"", b"pong"], ids=["no answer", "answer"])
+async def test_a_reader_that_flushes_is_acknowledged_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, answer: bytes
+) -> None:
+    async def handler(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        while await stream.receive_some():
+            if answer:
+                await stream.send_all(answer)
+            stream.request_flush()
+        await stream.aclose()
+
+    server = await start_server(nursery, handler)
+    async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+        stream = await connection.open_stream()
+        await stream.send_all(b"warm-up")
+        await connection.wait_acknowledged([stream])
+        if answer:
+            assert await stream.receive_some() == answer
+        for _ in range(5):
+            started = trio.current_time()
+            await stream.send_all(b"ping")
+            await connection.wait_acknowledged([stream])
+            # Without the hint the server waits out its ACK delay (1 ms) when nothing
+            # answers, and a few scheduler passes after an answer.
+            assert trio.current_time() - started < 0.0005
+            if answer:
+                assert await stream.receive_some() == answer
+        await stream.send_eof()

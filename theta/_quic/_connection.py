@@ -101,6 +101,8 @@ class QuicConnection:
         self.timer_deadline = math.inf  # see _timers.Sleeper
         self.timer_queued = math.inf
         self._written_since_transmit = 0
+        self._round_streams: set[QuicStream] = set()  # streams that got data this round
+        self._flushed: set[QuicStream] = set()  # streams whose users said they are done
         self._acknowledged = trio.Event()
         self._acknowledged_waiters = 0
         self.created_at = trio.current_time()
@@ -306,7 +308,7 @@ class QuicConnection:
                     self._give_up_handshake()
                     return
                 now = trio.current_time()
-                if self._written_since_transmit:
+                if self._written_since_transmit or self._flushed:
                     quic.ack_now(now)
                 if not self._inbox:  # what is sent now answers every wake-up so far
                     self._wake_pending = False
@@ -316,6 +318,8 @@ class QuicConnection:
                 self._fail_engine(exc)
                 return
             self._written_since_transmit = 0
+            self._round_streams.clear()
+            self._flushed.clear()
             if datagrams:
                 await self._send(datagrams)
             self._release_writers()
@@ -346,11 +350,15 @@ class QuicConnection:
         once something was written: a write takes a few passes), after ``_COALESCE_PASSES``
         passes, once ``_COALESCE_BYTES`` wait, or when a datagram arrives. Called with
         ``_ANSWER_PASSES`` after data reached the application (an immediate reply then
-        joins the ACK of what it answers), and to finish a burst of writes."""
+        joins the ACK of what it answers), and to finish a burst of writes. Stops at once
+        when the users of streams said they are done (:meth:`QuicStream.request_flush`),
+        once every stream that received data this round is among them."""
         written = self._written_since_transmit
         idle = 0
         for _ in range(_COALESCE_PASSES):
             if idle >= patience or written >= _COALESCE_BYTES or self._inbox:
+                return
+            if self._flushed and self._round_streams <= self._flushed:
                 return
             await trio.lowlevel.checkpoint()
             if self._written_since_transmit == written:
@@ -399,6 +407,8 @@ class QuicConnection:
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
                     stream._on_data(event.data, event.end_stream)
+                    self._round_streams.add(stream)
+                    self._flushed.discard(stream)  # an earlier hint does not cover this
                     delivered = True
             elif isinstance(event, _engine.StreamReset):
                 stream = self._stream_for_event(event.stream_id)
@@ -547,6 +557,9 @@ class QuicConnection:
             raise trio.BrokenResourceError(f"stream {stream.stream_id}: {exc!r}") from exc
         self._written_since_transmit += len(data) + 1
         self._wake()
+
+    def _request_flush(self, stream: QuicStream) -> None:
+        self._flushed.add(stream)
 
     def _stream_consumed(self, stream: QuicStream, total: int) -> None:
         if self._quic.stream_consumed(stream.stream_id, total):
