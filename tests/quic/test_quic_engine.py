@@ -152,6 +152,22 @@ def test_malformed_headers_parse_to_none() -> None:
     assert _engine.parse_header_untrusted(b"\xc0\x00", 8) is None
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x40", b"\x40" + bytes(8), b"\x41" + bytes(9), b"\x7f" + bytes(range(20)),
+     b"\x00" + bytes(20), b"\x80" + bytes(20), b"\xc0" + bytes(20)],
+)  # fmt: skip
+def test_the_short_header_fast_path_reads_what_the_full_parse_reads(data: bytes) -> None:
+    cid = _engine.short_header_destination(data, 8)
+    header = _engine.parse_header_untrusted(data, 8)
+    if cid is not None:
+        assert header is not None
+        assert header.version is None
+        assert cid == header.destination_cid
+    else:  # a long header, a zero fixed bit, or too short to hold the id
+        assert header is None or header.version is not None or len(data) <= 8
+
+
 def test_termination_kinds() -> None:
     event = _engine.ConnectionTerminated(error_code=42, frame_type=None, reason_phrase="bye")
     assert _engine.termination_kind(event) == "application"

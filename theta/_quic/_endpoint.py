@@ -211,6 +211,9 @@ class UdpEndpoint:
     def _route(self, data: bytes, addr: Address) -> QuicConnection | None:
         if self._client is not None:
             return self._client
+        cid = _engine.short_header_destination(data, _engine.CID_LENGTH)
+        if cid is not None:  # established traffic: no header object needed
+            return self._by_cid.get(cid)
         header = _engine.parse_header_untrusted(data, _engine.CID_LENGTH)
         if header is None:
             return None
