@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from typing import Any
 
@@ -10,7 +11,14 @@ import trio
 import trio.testing
 from aioquic.quic.configuration import QuicConfiguration
 
-from theta._quic import QuicConfig, QuicServer, _engine, open_quic_connection
+from theta._quic import (
+    QuicConfig,
+    QuicServer,
+    _engine,
+    generate_self_signed_certificate,
+    open_quic_connection,
+    serve_quic,
+)
 from theta._quic._retry import RetryTokens
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
@@ -217,3 +225,72 @@ async def test_a_token_that_expired_in_flight_still_gets_the_client_in(
             await stream.send_eof()
             assert await stream.receive_some() == b"late but in"
     assert server.retries_sent == 1
+
+
+@functools.cache
+def _large_certificate() -> tuple[bytes, bytes]:
+    """A self-signed certificate of ≈ 6 KB (many names), so that the server's first
+    flight is more than three times a client's 1200-byte Initial."""
+    names = ["localhost", *(f"host-{index:04d}.example.com" for index in range(250))]
+    pair = generate_self_signed_certificate(names)
+    assert len(pair.certificate_pem) > 4 * 3 * 1200 // 3  # base64: 4 characters per 3 bytes
+    return pair.certificate_pem, pair.private_key_pem
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_a_validated_address_gets_the_whole_first_flight(validated: bool) -> None:
+    certificate_pem, key_pem = _large_certificate()
+    client = _engine.create_connection(
+        _engine.build_configuration(
+            QuicConfig(ca_certs=certificate_pem), is_client=True, server_name="localhost"
+        )
+    )
+    client.connect(ADDRESS, now=1.0)
+    initial = [data for data, _ in client.datagrams_to_send(now=1.0)]
+    header = _engine.parse_header_untrusted(initial[0], _engine.CID_LENGTH)
+    assert header is not None
+    server = _engine.create_connection(
+        _engine.build_configuration(
+            QuicConfig(certificate=certificate_pem, private_key=key_pem), is_client=False
+        ),
+        original_destination_cid=header.destination_cid,
+        validated_address=ADDRESS if validated else None,
+    )
+    for data in initial:
+        server.receive_datagram(data, ADDRESS, now=1.0)
+    flight = sum(len(data) for data, _ in server.datagrams_to_send(now=1.0))
+    received = sum(map(len, initial))
+    if validated:
+        assert flight > 3 * received  # the whole certificate, in one go
+    else:
+        assert flight <= 3 * received  # RFC 9000, section 8.1
+
+
+async def test_after_a_retry_a_large_certificate_costs_no_extra_round_trip(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Retry (1 RTT), then the Initial with the token is answered by the whole flight:
+    the client completes its handshake after 2 round trips, not 3."""
+    certificate_pem, key_pem = _large_certificate()
+    server = await nursery.start(
+        functools.partial(
+            serve_quic,
+            echo_handler,
+            "127.0.0.1",
+            0,
+            QuicConfig(
+                certificate=certificate_pem, private_key=key_pem, address_validation="always"
+            ),
+        )
+    )
+    delay = 0.05  # each way
+    impairments = LinkConditionerConfig(delay=delay)
+    link = LinkConditioner(server.address, impairments, impairments)
+    await nursery.start(link.run)
+    config = QuicConfig(ca_certs=certificate_pem, server_name="localhost")
+    with trio.fail_after(30):
+        started = trio.current_time()
+        async with open_quic_connection("127.0.0.1", link.address[1], config):
+            elapsed = trio.current_time() - started
+    assert server.retries_sent == 1
+    assert 4 * delay <= elapsed < 5 * delay

@@ -201,7 +201,7 @@ async def serve_quic(
                         return None
                     now = trio.current_time()
                     cids = [header.destination_cid]
-                    original_cid, retry_cid = header.destination_cid, None
+                    original_cid, retry_cid, validated = header.destination_cid, None, None
                     ours = (
                         tokens.validate(addr, header.token, header.destination_cid, now)
                         if header.token
@@ -215,6 +215,7 @@ async def serve_quic(
                             # has gone (its handshake timeout permitting).
                             return None
                         retry_cid = header.destination_cid
+                        validated = addr if fresh else None  # an old proof lifts nothing
                         if not endpoint.routes(original_cid):  # late copies of its first Initial
                             cids.append(original_cid)
                     elif wants_retry:
@@ -233,6 +234,7 @@ async def serve_quic(
                         max_peer_streams=config.max_concurrent_peer_streams,
                         original_destination_cid=original_cid,
                         retry_source_cid=retry_cid,
+                        validated_address=validated,
                     )
                     connection = QuicConnection(endpoint, engine, config, addr, is_client=False)
                     connection.on_established = established
