@@ -215,7 +215,8 @@ async def serve_quic(
                             # has gone (its handshake timeout permitting).
                             return None
                         retry_cid = header.destination_cid
-                        validated = addr if fresh else None  # an old proof lifts nothing
+                        if fresh and tokens.first_use(retry_cid, now):  # not a replay
+                            validated = addr
                         if not endpoint.routes(original_cid):  # late copies of its first Initial
                             cids.append(original_cid)
                     elif wants_retry:

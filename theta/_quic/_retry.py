@@ -33,7 +33,24 @@ class RetryTokens:
 
     def __init__(self, lifetime: float) -> None:
         self._key = secrets.token_bytes(32)
+        self._lifetime = lifetime
         self._lifetime_us = int(lifetime * 1e6)
+        self._used: dict[bytes, float] = {}  # Retry connection id -> when to forget it
+
+    def first_use(self, retry_cid: bytes, now: float) -> bool:
+        """True the first time, within a token's lifetime, that a valid token for the
+        Retry that chose ``retry_cid`` is used: only that use may count as proof of the
+        address (RFC 9000, section 8.1.3: a replayed token must not lift the limits)."""
+        used = self._used
+        while used:  # insertion order is expiry order: forget what has expired
+            oldest = next(iter(used))
+            if used[oldest] > now:
+                break
+            del used[oldest]
+        if retry_cid in used:
+            return False
+        used[retry_cid] = now + self._lifetime
+        return True
 
     def issue(
         self, address: tuple[Any, ...], original_cid: bytes, retry_cid: bytes, now: float
