@@ -121,7 +121,8 @@ async def _establish(connection: QuicConnection, config: ClientConfig, deadline:
                 )
                 await stream.send(ChannelOpen(channel))
                 channels.append(stream)
-            control.stream.request_flush()  # the confirm and both channels are written
+            for framed in (control, *channels):  # the confirm and both channels are written
+                framed.stream.request_flush()
         except HandshakeRejected as error:
             connection.close_nowait(error.code, error.reason)
             raise

@@ -179,32 +179,29 @@ async def test_an_answer_leaves_in_the_round_that_received_the_request(
     assert server_transmits <= 52
 
 
-@pytest.mark.parametrize("answer", [b"", b"pong"], ids=["no answer", "answer"])
+@pytest.mark.parametrize("passes", [0, 15], ids=["at once", "after the round ended"])
 async def test_a_reader_that_flushes_is_acknowledged_at_once(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, answer: bytes
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, passes: int
 ) -> None:
+    """A reader that needs no answer says so, and the transport acknowledges what it read
+    at once instead of waiting out its ACK delay (1 ms); also when it says so only after
+    more scheduler passes than the transport waits for an answer."""
+
     async def handler(connection: QuicConnection) -> None:
         stream = await connection.accept_stream()
         while await stream.receive_some():
-            if answer:
-                await stream.send_all(answer)
+            for _ in range(passes):
+                await trio.lowlevel.checkpoint()
             stream.request_flush()
         await stream.aclose()
 
     server = await start_server(nursery, handler)
     async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
         stream = await connection.open_stream()
-        await stream.send_all(b"warm-up")
-        await connection.wait_acknowledged([stream])
-        if answer:
-            assert await stream.receive_some() == answer
         for _ in range(5):
             started = trio.current_time()
             await stream.send_all(b"ping")
             await connection.wait_acknowledged([stream])
-            # Without the hint the server waits out its ACK delay (1 ms) when nothing
-            # answers, and a few scheduler passes after an answer.
             assert trio.current_time() - started < 0.0005
-            if answer:
-                assert await stream.receive_some() == answer
+            await trio.sleep(1.0)  # a quiet link: no other packet to carry the ACK
         await stream.send_eof()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import os
 
@@ -721,3 +722,33 @@ async def test_the_smallest_control_limit_allowed_takes_the_largest_hello(
         async with theta.connect("127.0.0.1", server.port, config) as session:
             await session.replication.send(b"in", tick=1)
             assert (await session.replication.receive()).payload == b"in"
+
+
+async def test_a_client_acknowledges_the_servers_heartbeat_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client's control reader says a heartbeat needs no answer, so the ACK of the
+    server's heartbeat leaves on arrival, not after the 1 ms ACK delay."""
+    sent: list[tuple[float, int]] = []  # client to server: (time, size)
+
+    def record(datagram: bytes) -> bool:
+        sent.append((trio.current_time(), len(datagram)))
+        return False
+
+    server = await start_server(nursery, echo)
+    delay = 0.01
+    link = LinkConditioner(
+        server.address,
+        LinkConditionerConfig(delay=delay, drop=record),
+        LinkConditionerConfig(delay=delay),
+    )
+    await nursery.start(link.run)
+    async with theta.connect("127.0.0.1", link.address[1], client_config()):
+        await trio.sleep(1.0)  # settle
+        start = len(sent)
+        await trio.sleep(2.0)  # four heartbeat periods
+    steady = sent[start : len(sent) - 2]  # not the close
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(steady)]
+    answered = [gap for gap in gaps if gap < 0.1]  # heartbeat -> ACK of the server's answer
+    assert len(answered) >= 3
+    assert all(gap < 2 * delay + 0.0005 for gap in answered)

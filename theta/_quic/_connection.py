@@ -101,8 +101,11 @@ class QuicConnection:
         self.timer_deadline = math.inf  # see _timers.Sleeper
         self.timer_queued = math.inf
         self._written_since_transmit = 0
-        self._round_streams: set[QuicStream] = set()  # streams that got data this round
-        self._flushed: set[QuicStream] = set()  # streams whose users said they are done
+        # Streams that got data, and streams written to, since the last transmit; and
+        # the streams whose users said they are done (QuicStream.request_flush).
+        self._round_streams: set[QuicStream] = set()
+        self._round_written: set[QuicStream] = set()
+        self._flushed: set[QuicStream] = set()
         self._acknowledged = trio.Event()
         self._acknowledged_waiters = 0
         self.created_at = trio.current_time()
@@ -319,6 +322,7 @@ class QuicConnection:
                 return
             self._written_since_transmit = 0
             self._round_streams.clear()
+            self._round_written.clear()
             self._flushed.clear()
             if datagrams:
                 await self._send(datagrams)
@@ -351,14 +355,14 @@ class QuicConnection:
         passes, once ``_COALESCE_BYTES`` wait, or when a datagram arrives. Called with
         ``_ANSWER_PASSES`` after data reached the application (an immediate reply then
         joins the ACK of what it answers), and to finish a burst of writes. Stops at once
-        when the users of streams said they are done (:meth:`QuicStream.request_flush`),
-        once every stream that received data this round is among them."""
+        once every stream that received data or was written to since the last transmit
+        has had its user say it is done (:meth:`QuicStream.request_flush`)."""
         written = self._written_since_transmit
         idle = 0
         for _ in range(_COALESCE_PASSES):
             if idle >= patience or written >= _COALESCE_BYTES or self._inbox:
                 return
-            if self._flushed and self._round_streams <= self._flushed:
+            if self._flushed and self._round_streams | self._round_written <= self._flushed:
                 return
             await trio.lowlevel.checkpoint()
             if self._written_since_transmit == written:
@@ -556,10 +560,14 @@ class QuicConnection:
         except _engine.ENGINE_ERRORS as exc:
             raise trio.BrokenResourceError(f"stream {stream.stream_id}: {exc!r}") from exc
         self._written_since_transmit += len(data) + 1
+        self._round_written.add(stream)
+        self._flushed.discard(stream)  # an earlier hint does not cover this write
         self._wake()
 
     def _request_flush(self, stream: QuicStream) -> None:
-        self._flushed.add(stream)
+        if stream not in self._flushed:
+            self._flushed.add(stream)
+            self._wake()  # a hint that comes after the round has ended starts one
 
     def _stream_consumed(self, stream: QuicStream, total: int) -> None:
         if self._quic.stream_consumed(stream.stream_id, total):
