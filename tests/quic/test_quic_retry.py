@@ -305,6 +305,40 @@ def test_only_the_first_use_of_a_retry_counts_as_proof() -> None:
     assert list(tokens._used) == [ORIGINAL, RETRY]  # nothing kept beyond that
 
 
+class _RawClient:
+    """A client engine behind a socket of the test's own: datagrams go out as the test
+    says, and what the server sends back within 50 ms (its first flight, well before any
+    retransmission) is collected."""
+
+    def __init__(self, sock: trio.socket.SocketType, server: QuicServer, ca: bytes) -> None:
+        self.sock, self.server = sock, server
+        self.engine = _engine.create_connection(
+            _engine.build_configuration(
+                QuicConfig(ca_certs=ca), is_client=True, server_name="localhost"
+            )
+        )
+        self.engine.connect(server.address, now=trio.current_time())
+
+    def pending(self) -> list[bytes]:
+        return [data for data, _ in self.engine.datagrams_to_send(now=trio.current_time())]
+
+    async def exchange(self, datagrams: list[bytes]) -> tuple[int, list[bytes]]:
+        """Send ``datagrams``; return their size and the server's answers."""
+        for data in datagrams:
+            await self.sock.sendto(data, self.server.address)
+        answers = []
+        with trio.move_on_after(0.05):
+            while True:
+                answers.append(await self.sock.recv(65536))
+        return sum(map(len, datagrams)), answers
+
+    async def token_initial(self) -> list[bytes]:
+        """The Initial that answers the server's Retry (the one carrying the token)."""
+        _, (retry,) = await self.exchange(self.pending())
+        self.engine.receive_datagram(retry, self.server.address, now=trio.current_time())
+        return self.pending()
+
+
 async def test_a_replayed_token_gets_no_more_than_three_times_what_it_sent(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -318,38 +352,46 @@ async def test_a_replayed_token_gets_no_more_than_three_times_what_it_sent(
     server: QuicServer = await nursery.start(
         serve_quic, echo_handler, "127.0.0.1", 0, server_config
     )
-    client = _engine.create_connection(
-        _engine.build_configuration(
-            QuicConfig(ca_certs=certificate_pem), is_client=True, server_name="localhost"
-        )
-    )
-
-    async def exchange(
-        sock: trio.socket.SocketType, datagrams: list[bytes]
-    ) -> tuple[int, list[bytes]]:
-        for data in datagrams:
-            await sock.sendto(data, server.address)
-        answers = []
-        with trio.move_on_after(0.05):  # the first flight, well before any retransmission
-            while True:
-                answers.append(await sock.recv(65536))
-        return sum(map(len, datagrams)), answers
-
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         await sock.bind(("127.0.0.1", 0))
-        client.connect(server.address, now=trio.current_time())
-        _, (retry,) = await exchange(
-            sock, [d for d, _ in client.datagrams_to_send(now=trio.current_time())]
-        )
-        client.receive_datagram(retry, server.address, now=trio.current_time())
-        with_token = [d for d, _ in client.datagrams_to_send(now=trio.current_time())]
-        sent, flight = await exchange(sock, with_token)
+        client = _RawClient(sock, server, certificate_pem)
+        with_token = await client.token_initial()
+        sent, flight = await client.exchange(with_token)
         whole = sum(map(len, flight))
         assert whole > 3 * sent  # validated: the whole flight at once
         (first,) = server.connections
         first.close_nowait()
         await first.terminated.wait()
-        sent, flight = await exchange(sock, with_token)  # the replay
+        sent, flight = await client.exchange(with_token)  # the replay
         assert len(server.connections) == 1  # a connection again ...
         # ... held to the limit (aioquic lets its last packet overshoot by a few bytes)
         assert 0 < sum(map(len, flight)) <= 3 * sent + 256 < whole
+
+
+async def test_an_expired_token_gets_in_but_proves_nothing(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Under load a client is sent a Retry; its token expires before it comes back, when
+    the load has gone: it gets a connection, held to 3x what it sent."""
+    certificate_pem, key_pem = _large_certificate()
+    server_config = QuicConfig(
+        certificate=certificate_pem,
+        private_key=key_pem,
+        max_handshakes=2,
+        handshake_timeout=1.0,  # also the tokens' lifetime
+    )
+    server: QuicServer = await nursery.start(
+        serve_quic, echo_handler, "127.0.0.1", 0, server_config
+    )
+    await send_silent_initial(server)  # one of two places: the load that asks for a Retry
+    (silent,) = server.connections
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        client = _RawClient(sock, server, certificate_pem)
+        with_token = await client.token_initial()
+        assert server.retries_sent == 1
+        await silent.terminated.wait()  # no load any more
+        await trio.sleep(0.5)  # and the token has expired
+        sent, flight = await client.exchange(with_token)
+        assert len(server.connections) == 1
+        assert 0 < sum(map(len, flight)) <= 3 * sent + 256
