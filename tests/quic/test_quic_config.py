@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from theta._quic import (
+    ConnectionClosedByPeer,
     QuicConfig,
     QuicConnection,
     QuicServer,
@@ -117,6 +118,53 @@ async def test_peer_unidirectional_stream_is_refused(nursery: trio.Nursery) -> N
             while accepted[0].unidirectional_streams_refused == 0:
                 await _roundtrip(conn)
             assert accepted[0].unidirectional_streams_refused == 1
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["alone", "with the peer's close"])
+async def test_a_refused_unidirectional_stream_is_reported_unless_the_peer_closed(
+    nursery: trio.Nursery, close: bool
+) -> None:
+    """The hook hears of a peer's unidirectional stream after the round that refused it;
+    when the peer's CONNECTION_CLOSE came in the same round, the close explains the end
+    and the hook is not called."""
+    outcome: trio.MemorySendChannel[tuple[bool, BaseException | None]]
+    outcome, outcomes = trio.open_memory_channel[tuple[bool, BaseException | None]](1)
+
+    hooked = trio.Event()
+
+    async def handler(connection: QuicConnection) -> None:
+        heard = trio.Event()
+        connection.on_unidirectional_stream = heard.set
+        hooked.set()
+
+        async def until(event: trio.Event, race: trio.Nursery) -> None:
+            await event.wait()
+            race.cancel_scope.cancel()
+
+        async with trio.open_nursery() as race:
+            race.start_soon(until, heard, race)
+            race.start_soon(until, connection.terminated, race)
+        await outcome.send((heard.is_set(), connection.error))
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
+            await hooked.wait()
+            engine = conn._quic
+            uni = engine.get_next_available_stream_id(is_unidirectional=True)
+            engine.send_stream_data(uni, b"not allowed in theta/1")
+            if close:  # the data, then the close: two datagrams, read in one batch
+                conn.close_nowait(5, "bye")
+            else:
+                conn.wake()
+            heard, error = await outcomes.receive()
+    if close:
+        assert not heard
+        assert isinstance(error, ConnectionClosedByPeer)
+        assert error.code == 5
+    else:
+        assert heard
+        assert error is None
 
 
 async def test_engine_exception_fails_only_that_connection(nursery: trio.Nursery) -> None:

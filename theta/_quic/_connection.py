@@ -124,7 +124,9 @@ class QuicConnection:
         self.on_established: Callable[[QuicConnection], None] | None = None
         self.unidirectional_streams_refused = 0
         self.on_unidirectional_stream: Callable[[], None] | None = None
-        """Called by the driver each time it has refused a peer's unidirectional stream."""
+        """Called by the driver after a round in which it refused a peer's unidirectional
+        stream, unless the peer's close came in the same round."""
+        self._refused_new_uni = False
         self._datagrams_sent = self._bytes_sent = 0
         self._datagrams_received = self._bytes_received = 0
 
@@ -298,6 +300,11 @@ class QuicConnection:
                 delivered = self._route_events()
                 if self.terminated.is_set():
                     return
+                if self._refused_new_uni:
+                    self._refused_new_uni = False
+                    # A peer's close that came in the same round explains the end.
+                    if self.on_unidirectional_stream is not None and quic.peer_close() is None:
+                        self.on_unidirectional_stream()
                 if self._stream_credit:  # they check the peer's limit themselves
                     self._stream_credit.unpark_all()
                 if delivered:
@@ -451,8 +458,7 @@ class QuicConnection:
                 self.unidirectional_streams_refused += 1
                 with contextlib.suppress(ValueError):  # already finished in the engine
                     self._quic.stop_stream(uni_id, 0)
-                if self.on_unidirectional_stream is not None:
-                    self.on_unidirectional_stream()
+                self._refused_new_uni = True
             return None
         # A new peer stream implicitly opens every lower-numbered one (RFC 9000, 3.2).
         while self._next_peer_bidi <= index:
