@@ -237,6 +237,13 @@ def _large_certificate() -> tuple[bytes, bytes]:
     return pair.certificate_pem, pair.private_key_pem
 
 
+async def _serve_large_certificate(nursery: trio.Nursery, **overrides: Any) -> QuicServer:
+    certificate_pem, key_pem = _large_certificate()
+    config = QuicConfig(certificate=certificate_pem, private_key=key_pem, **overrides)
+    server: QuicServer = await nursery.start(serve_quic, echo_handler, "127.0.0.1", 0, config)
+    return server
+
+
 @pytest.mark.parametrize("validated", [True, False])
 def test_a_validated_address_gets_the_whole_first_flight(validated: bool) -> None:
     certificate_pem, key_pem = _large_certificate()
@@ -271,23 +278,12 @@ async def test_after_a_retry_a_large_certificate_costs_no_extra_round_trip(
 ) -> None:
     """Retry (1 RTT), then the Initial with the token is answered by the whole flight:
     the client completes its handshake after 2 round trips, not 3."""
-    certificate_pem, key_pem = _large_certificate()
-    server = await nursery.start(
-        functools.partial(
-            serve_quic,
-            echo_handler,
-            "127.0.0.1",
-            0,
-            QuicConfig(
-                certificate=certificate_pem, private_key=key_pem, address_validation="always"
-            ),
-        )
-    )
+    server = await _serve_large_certificate(nursery, address_validation="always")
     delay = 0.05  # each way
     impairments = LinkConditionerConfig(delay=delay)
     link = LinkConditioner(server.address, impairments, impairments)
     await nursery.start(link.run)
-    config = QuicConfig(ca_certs=certificate_pem, server_name="localhost")
+    config = QuicConfig(ca_certs=_large_certificate()[0], server_name="localhost")
     with trio.fail_after(30):
         started = trio.current_time()
         async with open_quic_connection("127.0.0.1", link.address[1], config):
@@ -345,16 +341,10 @@ async def test_a_replayed_token_gets_no_more_than_three_times_what_it_sent(
     """A token-bearing Initial replayed (from the right address, within the token's
     lifetime) after its connection has ended makes a connection again, but only the
     first use of the token lifts the anti-amplification limit."""
-    certificate_pem, key_pem = _large_certificate()
-    server_config = QuicConfig(
-        certificate=certificate_pem, private_key=key_pem, address_validation="always"
-    )
-    server: QuicServer = await nursery.start(
-        serve_quic, echo_handler, "127.0.0.1", 0, server_config
-    )
+    server = await _serve_large_certificate(nursery, address_validation="always")
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         await sock.bind(("127.0.0.1", 0))
-        client = _RawClient(sock, server, certificate_pem)
+        client = _RawClient(sock, server, _large_certificate()[0])
         with_token = await client.token_initial()
         sent, flight = await client.exchange(with_token)
         whole = sum(map(len, flight))
@@ -373,21 +363,13 @@ async def test_an_expired_token_gets_in_but_proves_nothing(
 ) -> None:
     """Under load a client is sent a Retry; its token expires before it comes back, when
     the load has gone: it gets a connection, held to 3x what it sent."""
-    certificate_pem, key_pem = _large_certificate()
-    server_config = QuicConfig(
-        certificate=certificate_pem,
-        private_key=key_pem,
-        max_handshakes=2,
-        handshake_timeout=1.0,  # also the tokens' lifetime
-    )
-    server: QuicServer = await nursery.start(
-        serve_quic, echo_handler, "127.0.0.1", 0, server_config
-    )
+    # The handshake timeout is also the tokens' lifetime.
+    server = await _serve_large_certificate(nursery, max_handshakes=2, handshake_timeout=1.0)
     await send_silent_initial(server)  # one of two places: the load that asks for a Retry
     (silent,) = server.connections
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         await sock.bind(("127.0.0.1", 0))
-        client = _RawClient(sock, server, certificate_pem)
+        client = _RawClient(sock, server, _large_certificate()[0])
         with_token = await client.token_initial()
         assert server.retries_sent == 1
         await silent.terminated.wait()  # no load any more
@@ -395,3 +377,23 @@ async def test_an_expired_token_gets_in_but_proves_nothing(
         sent, flight = await client.exchange(with_token)
         assert len(server.connections) == 1
         assert 0 < sum(map(len, flight)) <= 3 * sent + 256
+
+
+async def test_a_damaged_copy_does_not_use_up_the_token(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A copy of the token-bearing Initial whose payload does not decrypt proves nothing:
+    the client's own Initial, arriving after it, still lifts the limit."""
+    server = await _serve_large_certificate(nursery, address_validation="always")
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        client = _RawClient(sock, server, _large_certificate()[0])
+        with_token = await client.token_initial()
+        damaged = bytearray(with_token[0])
+        damaged[200] ^= 0xFF  # inside the protected payload (the padding follows the packet)
+        _, answers = await client.exchange([bytes(damaged)])
+        assert answers == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.connections  # dropped: nothing decrypted
+        sent, flight = await client.exchange(with_token)
+        assert sum(map(len, flight)) > 3 * sent

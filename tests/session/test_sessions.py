@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import itertools
 import logging
 import os
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import theta
-from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed
+from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed, _client
 from theta._quic import ConnectionClosedByPeer, ConnectionStats, QuicConnection, QuicStream
 from theta.core import ClientHandshake, FrameLimits, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
@@ -752,3 +754,34 @@ async def test_a_client_acknowledges_the_servers_heartbeat_at_once(
     answered = [gap for gap in gaps if gap < 0.1]  # heartbeat -> ACK of the server's answer
     assert len(answered) >= 3
     assert all(gap < 2 * delay + 0.0005 for gap in answered)
+
+
+@pytest.mark.parametrize("with_uni_stream", [False, True])
+async def test_a_close_in_the_handshakes_last_flight_explains_the_end(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, with_uni_stream: bool
+) -> None:
+    """A client whose last handshake flight carries the confirm, the channels, a
+    unidirectional stream and its close: the server's session ends with the client's
+    close, not with a PROTOCOL_VIOLATION of its own for the stream."""
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
+    establish = _client._establish
+
+    async def establish_then_leave(*args: Any, **kwargs: Any) -> Session:
+        session = await establish(*args, **kwargs)
+        connection = session._connection
+        if with_uni_stream:
+            engine = connection._quic
+            engine.send_stream_data(
+                engine.get_next_available_stream_id(is_unidirectional=True), b"!"
+            )
+        connection.close_nowait(ErrorCode.GOING_AWAY, "bye")  # no checkpoint since the confirm
+        return session
+
+    monkeypatch.setattr(_client, "_establish", establish_then_leave)
+    with trio.fail_after(10):
+        with contextlib.suppress(SessionClosed, trio.ClosedResourceError):
+            async with theta.connect("127.0.0.1", server.port, client_config()):
+                pass
+        (seen,) = await ends.wait()
+    assert (seen.code, seen.reason, seen.by_peer) == (ErrorCode.GOING_AWAY, "bye", True)

@@ -9,6 +9,7 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -239,6 +240,10 @@ async def serve_quic(
                     )
                     connection = QuicConnection(endpoint, engine, config, addr, is_client=False)
                     connection.on_established = established
+                    if validated is not None:
+                        connection.on_undecryptable = functools.partial(
+                            tokens.forget, header.destination_cid
+                        )
                     endpoint.add_connection(connection, [*cids, engine.host_cid])
                     nursery.start_soon(connection.run)
                     return connection

@@ -123,10 +123,16 @@ class QuicConnection:
         """Connection ids routed to this connection (maintained by the endpoint)."""
         self.on_established: Callable[[QuicConnection], None] | None = None
         self.unidirectional_streams_refused = 0
+        self.unidirectional_stream_refused = False
+        """Whether the driver refused a peer's unidirectional stream in a round that did
+        not also bring the peer's close (which would explain the end by itself)."""
         self.on_unidirectional_stream: Callable[[], None] | None = None
-        """Called by the driver after a round in which it refused a peer's unidirectional
-        stream, unless the peer's close came in the same round."""
+        """Called by the driver after each round that sets
+        :attr:`unidirectional_stream_refused`."""
         self._refused_new_uni = False
+        self.on_undecryptable: Callable[[], None] | None = None
+        """Server: called when the connection is dropped because nothing in its first
+        datagrams decrypted."""
         self._datagrams_sent = self._bytes_sent = 0
         self._datagrams_received = self._bytes_received = 0
 
@@ -300,11 +306,12 @@ class QuicConnection:
                 delivered = self._route_events()
                 if self.terminated.is_set():
                     return
-                if self._refused_new_uni:
-                    self._refused_new_uni = False
-                    # A peer's close that came in the same round explains the end.
-                    if self.on_unidirectional_stream is not None and quic.peer_close() is None:
+                # A peer's close that came in the same round explains the end.
+                if self._refused_new_uni and quic.peer_close() is None:
+                    self.unidirectional_stream_refused = True
+                    if self.on_unidirectional_stream is not None:
                         self.on_unidirectional_stream()
+                self._refused_new_uni = False
                 if self._stream_credit:  # they check the peer's limit themselves
                     self._stream_credit.unpark_all()
                 if delivered:
@@ -498,6 +505,8 @@ class QuicConnection:
         address validation (``QuicConfig.address_validation``)."""
         self._endpoint.dropped_datagrams += self._datagrams_received
         self._terminate(TransportError(_INTERNAL_ERROR, "no packet of the first datagram decrypts"))
+        if self.on_undecryptable is not None:
+            self.on_undecryptable()
 
     def _give_up_handshake(self) -> None:
         self._tell_peer_nowait(0, "handshake timed out")

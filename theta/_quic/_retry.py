@@ -52,6 +52,12 @@ class RetryTokens:
         used[retry_cid] = now + self._lifetime
         return True
 
+    def forget(self, retry_cid: bytes) -> None:
+        """Undo :meth:`first_use`: that Initial turned out not to decrypt (damaged, or
+        forged around a copied header), so it proved nothing and the client's own Initial
+        may still come."""
+        self._used.pop(retry_cid, None)
+
     def issue(
         self, address: tuple[Any, ...], original_cid: bytes, retry_cid: bytes, now: float
     ) -> bytes:
