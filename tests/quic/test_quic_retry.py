@@ -297,7 +297,8 @@ def test_only_the_first_use_of_a_retry_counts_as_proof() -> None:
     assert tokens.first_use(RETRY, now=1.0)
     assert not tokens.first_use(RETRY, now=2.9)  # a replay within the lifetime
     assert tokens.first_use(ORIGINAL, now=2.9)
-    assert tokens.first_use(RETRY, now=3.0)  # forgotten once any token for it has expired
+    assert not tokens.first_use(RETRY, now=3.0)  # a token issued at 1.0 is still fresh
+    assert tokens.first_use(RETRY, now=3.1)  # forgotten once any token for it has expired
     assert list(tokens._used) == [ORIGINAL, RETRY]  # nothing kept beyond that
 
 

@@ -44,7 +44,7 @@ class RetryTokens:
         used = self._used
         while used:  # insertion order is expiry order: forget what has expired
             oldest = next(iter(used))
-            if used[oldest] > now:
+            if used[oldest] >= now:  # a token is fresh up to its expiry instant included
                 break
             del used[oldest]
         if retry_cid in used:
