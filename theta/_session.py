@@ -529,7 +529,7 @@ class Session:
         """Close at once when the peer opens a stream beyond the three channels (spec 2)."""
         connection = self._connection
         connection.on_unidirectional_stream = self._unidirectional_stream
-        if connection.unidirectional_stream_refused:  # during the handshake
+        if connection.peer_opened_unidirectional_stream:  # during the handshake
             self._unidirectional_stream()
         await connection.accept_stream()
         raise ProtocolViolation("a stream beyond the three channels was opened")

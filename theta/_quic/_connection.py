@@ -123,12 +123,13 @@ class QuicConnection:
         """Connection ids routed to this connection (maintained by the endpoint)."""
         self.on_established: Callable[[QuicConnection], None] | None = None
         self.unidirectional_streams_refused = 0
-        self.unidirectional_stream_refused = False
-        """Whether the driver refused a peer's unidirectional stream in a round that did
-        not also bring the peer's close (which would explain the end by itself)."""
+        self.peer_opened_unidirectional_stream = False
+        """Whether the peer opened a unidirectional stream (refused, see
+        :attr:`unidirectional_streams_refused`) in a round that did not also bring the
+        peer's close, which would explain the end by itself."""
         self.on_unidirectional_stream: Callable[[], None] | None = None
         """Called by the driver after each round that sets
-        :attr:`unidirectional_stream_refused`."""
+        :attr:`peer_opened_unidirectional_stream`."""
         self._refused_new_uni = False
         self.on_undecryptable: Callable[[], None] | None = None
         """Server: called when the connection is dropped because nothing in its first
@@ -308,7 +309,7 @@ class QuicConnection:
                     return
                 # A peer's close that came in the same round explains the end.
                 if self._refused_new_uni and quic.peer_close() is None:
-                    self.unidirectional_stream_refused = True
+                    self.peer_opened_unidirectional_stream = True
                     if self.on_unidirectional_stream is not None:
                         self.on_unidirectional_stream()
                 self._refused_new_uni = False

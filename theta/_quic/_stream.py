@@ -141,11 +141,13 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     def request_flush(self) -> None:
         """Say that this stream's user has written all it will write in answer to what
-        it has read (or that no answer is coming): the transport sends what is pending,
-        with the ACK it owes, without waiting for more writes, unless another stream that
-        received data in the same round has not said so too. Only a hint: without it the
-        transport waits a few scheduler passes for writers (a reply then shares the
-        datagram of the ACK); with it, later writes go in a datagram of their own."""
+        it has read, or that no answer is coming: the transport sends what is pending,
+        with the ACK it owes, without waiting for more writes, once every stream that
+        received data or was written to since its last transmit has had such a hint (a
+        write after the hint needs a new one); a hint after that transmit starts another.
+        Only a hint: without it the transport waits a few scheduler passes for writers (a
+        reply then shares the datagram of the ACK); with it, later writes go in a
+        datagram of their own."""
         if not self._closed:
             self._connection._request_flush(self)
 
