@@ -710,6 +710,102 @@ def decode_payload(payload: bytes) -> tuple[BodyType, Message]:
 # --------------------------------------------------------------------------------------------
 
 
+def build_heartbeat(
+    sequence: int,
+    now_us: int,
+    latest_from_peer: tuple[int, int, int],
+    rtt_us: int | None,
+    jitter_us: float,
+) -> Heartbeat:
+    """Spec 4.4: heartbeat ``sequence`` sent at ``now_us``, echoing the peer's latest
+    (its sequence, 0 for none; its ``sent_at_us``; when it arrived here), with this
+    side's estimates saturated to u32."""
+    echo, echo_sent_at, echo_received_at = latest_from_peer
+    return Heartbeat(
+        sequence=sequence,
+        sent_at_us=now_us,
+        echo_sequence=echo,
+        echo_sent_at_us=echo_sent_at if echo else 0,
+        echo_delay_us=max(0, now_us - echo_received_at) if echo else 0,
+        rtt_us=min(rtt_us or 0, 2**32 - 1),
+        jitter_us=min(int(jitter_us), 2**32 - 1),
+    )
+
+
+async def read_spec_frame(
+    reader: asyncio.StreamReader,
+    limit: int,
+    where: str,
+    raise_if_abnormal_eof: Callable[[], None],
+) -> tuple[BodyType, Message] | None:
+    """Spec 3: the next frame from ``reader`` (payloads up to ``limit`` bytes; ``where``
+    names the stream in errors), or None on a clean FIN on a frame boundary. At an end
+    of stream ``raise_if_abnormal_eof`` raises unless it was a FIN."""
+    try:
+        prefix = await reader.readexactly(4)
+    except asyncio.IncompleteReadError as exc:
+        raise_if_abnormal_eof()
+        if exc.partial:
+            raise SpecDeviation(
+                "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a length prefix"
+            ) from None
+        return None
+    (length,) = struct.unpack(">I", prefix)
+    if length == 0:
+        raise SpecDeviation("3", ErrorCode.MALFORMED_FRAME, "frame length prefix is 0")
+    if length > limit:
+        raise SpecDeviation(
+            "3",
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {length} bytes on {where} exceeds the limit {limit}",
+        )
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise_if_abnormal_eof()
+        raise SpecDeviation(
+            "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a frame"
+        ) from None
+    return decode_payload(payload)
+
+
+def take_asset_chunk(
+    partial: dict[int, tuple[str, int, bytearray]], chunk: AssetChunk
+) -> tuple[str, bytes] | None:
+    """Spec 4.5: add ``chunk`` to the assets in progress (``partial``, by asset id, as
+    name, total size and data so far); ``(name, data)`` once its asset is complete.
+    Raises the spec's deviation for a chunk out of place."""
+
+    def malformed(what: str) -> SpecDeviation:
+        return SpecDeviation(
+            "4.5", ErrorCode.MALFORMED_FRAME, f"AssetChunk id={chunk.asset_id}: {what}"
+        )
+
+    if chunk.total_size > MAX_ASSET_SIZE:
+        raise SpecDeviation(
+            "4.5", ErrorCode.FRAME_TOO_LARGE, f"asset total_size {chunk.total_size}"
+        )
+    state = partial.get(chunk.asset_id)
+    if state is None:
+        if chunk.offset != 0:
+            raise malformed(f"first chunk at offset {chunk.offset}")
+        if chunk.name is None:
+            raise malformed("first chunk without a name")
+        state = partial[chunk.asset_id] = (chunk.name, chunk.total_size, bytearray())
+    name, total, data = state
+    if chunk.total_size != total:
+        raise malformed(f"total_size {chunk.total_size} != first chunk's {total}")
+    if chunk.offset != len(data):
+        raise malformed(f"offset {chunk.offset}, expected {len(data)}")
+    if chunk.offset + len(chunk.data) > total:
+        raise malformed("data runs past total_size")
+    data += chunk.data
+    if len(data) < total:
+        return None
+    del partial[chunk.asset_id]
+    return name, bytes(data)
+
+
 def decompress_replication(message: ReplicationMessage) -> bytes:
     """The payload of a compressed replication message (section 4.5), decoded within the
     replication limit; :class:`SpecDeviation` if it is not zstd or its size is wrong."""
@@ -863,38 +959,16 @@ class FramedStream:
 
     async def receive(self) -> tuple[BodyType, Message] | None:
         """The next frame, or None on a clean FIN on a frame boundary."""
-        limit = CHANNEL_LIMITS[self.channel]
-        try:
-            prefix = await self.reader.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            error = self.protocol.eof_error(self.stream_id)
-            if error is not None:
-                raise error from None
-            if exc.partial:
-                raise SpecDeviation(
-                    "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a length prefix"
-                ) from None
+        frame = await read_spec_frame(
+            self.reader,
+            CHANNEL_LIMITS[self.channel],
+            self.channel.name,
+            self._raise_if_abnormal_eof,
+        )
+        if frame is None:
             self.fin_received = True
             return None
-        (length,) = struct.unpack(">I", prefix)
-        if length == 0:
-            raise SpecDeviation("3", ErrorCode.MALFORMED_FRAME, "frame length prefix is 0")
-        if length > limit:
-            raise SpecDeviation(
-                "3",
-                ErrorCode.FRAME_TOO_LARGE,
-                f"frame of {length} bytes on {self.channel.name} exceeds the limit {limit}",
-            )
-        try:
-            payload = await self.reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            error = self.protocol.eof_error(self.stream_id)
-            if error is not None:
-                raise error from None
-            raise SpecDeviation(
-                "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a frame"
-            ) from None
-        kind, message = decode_payload(payload)
+        kind, message = frame
         if kind not in SERVER_ALLOWED[self.channel]:
             raise SpecDeviation(
                 "2/4",
@@ -902,6 +976,11 @@ class FramedStream:
                 f"{type(message).__name__} is not allowed server->client on {self.channel.name}",
             )
         return kind, message
+
+    def _raise_if_abnormal_eof(self) -> None:
+        error = self.protocol.eof_error(self.stream_id)
+        if error is not None:
+            raise error
 
 
 # --------------------------------------------------------------------------------------------
@@ -1279,15 +1358,12 @@ class SpecPeer:
             now = _now_us()
             sequence = self.next_sequence
             self.next_sequence += 1
-            echo = self.last_peer_sequence
-            heartbeat = Heartbeat(
-                sequence=sequence,
-                sent_at_us=now,
-                echo_sequence=echo,
-                echo_sent_at_us=self.last_peer_sent_at if echo else 0,
-                echo_delay_us=max(0, now - self.last_peer_received_at) if echo else 0,
-                rtt_us=min(self.rtt_us or 0, 2**32 - 1),
-                jitter_us=min(int(self.jitter_us), 2**32 - 1),
+            heartbeat = build_heartbeat(
+                sequence,
+                now,
+                (self.last_peer_sequence, self.last_peer_sent_at, self.last_peer_received_at),
+                self.rtt_us,
+                self.jitter_us,
             )
             self.sent_heartbeats[sequence] = now
             control.send(heartbeat)
@@ -1448,34 +1524,10 @@ class SpecPeer:
             chunk = frame[1]
             assert isinstance(chunk, AssetChunk)
 
-            def malformed(what: str, chunk: AssetChunk = chunk) -> SpecDeviation:
-                return SpecDeviation(
-                    "4.5", ErrorCode.MALFORMED_FRAME, f"AssetChunk id={chunk.asset_id}: {what}"
-                )
-
-            if chunk.total_size > MAX_ASSET_SIZE:
-                raise SpecDeviation(
-                    "4.5", ErrorCode.FRAME_TOO_LARGE, f"asset total_size {chunk.total_size}"
-                )
-            state = partial.get(chunk.asset_id)
-            if state is None:
-                if chunk.offset != 0:
-                    raise malformed(f"first chunk at offset {chunk.offset}")
-                if chunk.name is None:
-                    raise malformed("first chunk without a name")
-                state = (chunk.name, chunk.total_size, bytearray())
-                partial[chunk.asset_id] = state
-            name, total, data = state
-            if chunk.total_size != total:
-                raise malformed(f"total_size {chunk.total_size} != first chunk's {total}")
-            if chunk.offset != len(data):
-                raise malformed(f"offset {chunk.offset}, expected {len(data)}")
-            if chunk.offset + len(chunk.data) > total:
-                raise malformed("data runs past total_size")
-            data += chunk.data
-            if len(data) == total:
-                del partial[chunk.asset_id]
-                self.result.assets_echoed.append((chunk.asset_id, name, bytes(data)))
+            complete = take_asset_chunk(partial, chunk)
+            if complete is not None:
+                name, data = complete
+                self.result.assets_echoed.append((chunk.asset_id, name, data))
                 if len(self.result.assets_echoed) >= expected:
                     self.assets_done.set()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import struct
@@ -47,7 +48,6 @@ from .spec_peer import (
     FILE_IDENTIFIER,
     FLAG_COMPRESSED,
     KEY_SIZE,
-    MAX_ASSET_SIZE,
     MAX_AUTH_TOKEN,
     MAX_CAPABILITIES,
     NONCE_SIZE,
@@ -68,20 +68,20 @@ from .spec_peer import (
     SessionHello,
     SessionReject,
     SpecDeviation,
-    decode_payload,
+    build_heartbeat,
     decompress_replication,
     encode_frame,
     handshake_transcript,
     is_ed25519_point,
     raw_public_key,
+    read_spec_frame,
     schema_hash,
+    take_asset_chunk,
 )
 
 ROLE_REPLICATE = 1 << 0
 ROLE_UPLOAD_ASSETS = 1 << 1
 ROLE_ADMIN = 1 << 2
-
-_U32_MAX = 2**32 - 1
 
 
 def now_us() -> int:
@@ -422,33 +422,12 @@ class ServerConnection(QuicConnectionProtocol):
         return frame
 
     async def _read_frame(self, stream_id: int, limit: int) -> tuple[BodyType, Message] | None:
-        reader = self.readers[stream_id]
-        try:
-            prefix = await reader.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            self._raise_if_abnormal_eof(stream_id)
-            if exc.partial:
-                raise SpecDeviation(
-                    "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a length prefix"
-                ) from None
-            return None
-        (length,) = struct.unpack(">I", prefix)
-        if length == 0:
-            raise SpecDeviation("3", ErrorCode.MALFORMED_FRAME, "frame length prefix is 0")
-        if length > limit:
-            raise SpecDeviation(
-                "3",
-                ErrorCode.FRAME_TOO_LARGE,
-                f"frame of {length} bytes on stream {stream_id} exceeds the limit {limit}",
-            )
-        try:
-            payload = await reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            self._raise_if_abnormal_eof(stream_id)
-            raise SpecDeviation(
-                "3", ErrorCode.MALFORMED_FRAME, "stream ended (FIN) inside a frame"
-            ) from None
-        return decode_payload(payload)
+        return await read_spec_frame(
+            self.readers[stream_id],
+            limit,
+            f"stream {stream_id}",
+            functools.partial(self._raise_if_abnormal_eof, stream_id),
+        )
 
     def _raise_if_abnormal_eof(self, stream_id: int) -> None:
         if stream_id in self.fin_streams:
@@ -686,15 +665,12 @@ class ServerConnection(QuicConnectionProtocol):
         if sequence is None:
             sequence = self.next_sequence
             self.next_sequence += 1
-        echo = self.last_peer_sequence
-        heartbeat = Heartbeat(
-            sequence=sequence,
-            sent_at_us=now,
-            echo_sequence=echo,
-            echo_sent_at_us=self.last_peer_sent_at if echo else 0,
-            echo_delay_us=max(0, now - self.last_peer_received_at) if echo else 0,
-            rtt_us=min(self.rtt or 0, _U32_MAX),
-            jitter_us=min(int(self.jitter), _U32_MAX),
+        heartbeat = build_heartbeat(
+            sequence,
+            now,
+            (self.last_peer_sequence, self.last_peer_sent_at, self.last_peer_received_at),
+            self.rtt,
+            self.jitter,
         )
         self.sent_at[sequence] = now
         self.send_message(self.control_sid, heartbeat)
@@ -894,31 +870,12 @@ class ServerConnection(QuicConnectionProtocol):
             if not self.role & ROLE_UPLOAD_ASSETS:
                 raise SpecDeviation("6", ErrorCode.PERMISSION_DENIED, "role lacks UPLOAD_ASSETS")
 
-            def malformed(what: str, chunk: AssetChunk = chunk) -> SpecDeviation:
-                return SpecDeviation(
-                    "4.5", ErrorCode.MALFORMED_FRAME, f"AssetChunk {chunk.asset_id}: {what}"
-                )
-
-            if chunk.total_size > MAX_ASSET_SIZE:
-                raise SpecDeviation("4.5", ErrorCode.FRAME_TOO_LARGE, "asset too large")
-            state = partial.get(chunk.asset_id)
-            if state is None:
-                if chunk.name is None:
-                    raise malformed("first chunk without a name")
-                state = partial[chunk.asset_id] = (chunk.name, chunk.total_size, bytearray())
-            name, total, data = state
-            if chunk.total_size != total:
-                raise malformed(f"total_size {chunk.total_size} != {total}")
-            if chunk.offset != len(data):
-                raise malformed(f"offset {chunk.offset}, expected {len(data)}")
-            if chunk.offset + len(chunk.data) > total:
-                raise malformed("data runs past total_size")
-            data += chunk.data
-            if len(data) == total:
-                del partial[chunk.asset_id]
-                self.record.assets_received.append((chunk.asset_id, name, bytes(data)))
+            complete = take_asset_chunk(partial, chunk)
+            if complete is not None:
+                name, data = complete
+                self.record.assets_received.append((chunk.asset_id, name, data))
                 if self.behaviour.echo and not self.stop_sending.is_set():
-                    self.send_asset(sid, name, bytes(data))
+                    self.send_asset(sid, name, data)
 
     def send_asset(self, sid: int, name: str, data: bytes) -> None:
         asset_id = self.next_asset_id

@@ -633,6 +633,19 @@ async def test_close_on_a_lossy_path_waits_for_its_session_close(
     assert (seen[0].code, seen[0].reason, seen[0].by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
 
 
+def _as_if_it_had_needed_a_probe(connection: QuicConnection) -> None:
+    """Make ``connection``'s statistics report one probe timeout (the session's close then
+    waits for its SessionClose to be acknowledged too)."""
+    real_stats = connection.stats
+
+    def stats_after_a_probe() -> ConnectionStats:
+        stats = real_stats()
+        engine = dataclasses.replace(stats.engine, probe_timeouts=1)
+        return dataclasses.replace(stats, engine=engine)
+
+    connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+
+
 async def test_a_close_on_a_path_that_needed_probes_reports_nothing_false(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -646,14 +659,7 @@ async def test_a_close_on_a_path_that_needed_probes_reports_nothing_false(
             await session.replication.send(b"x" * 5000, tick=1)
             await session.replication.receive()
             connection = session._connection
-            real_stats = connection.stats
-
-            def stats_after_a_probe() -> ConnectionStats:
-                stats = real_stats()
-                engine = dataclasses.replace(stats.engine, probe_timeouts=1)
-                return dataclasses.replace(stats, engine=engine)
-
-            connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+            _as_if_it_had_needed_a_probe(connection)
     assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -674,14 +680,7 @@ async def test_the_peer_closing_first_settles_the_session_close(
     with trio.fail_after(10):
         async with theta.connect("127.0.0.1", server.port, client_config()) as session:
             connection = session._connection
-            real_stats = connection.stats
-
-            def stats_after_a_probe() -> ConnectionStats:
-                stats = real_stats()
-                engine = dataclasses.replace(stats.engine, probe_timeouts=1)
-                return dataclasses.replace(stats, engine=engine)
-
-            connection.stats = stats_after_a_probe  # type: ignore[method-assign]
+            _as_if_it_had_needed_a_probe(connection)
             monkeypatch.setattr(QuicConnection, "wait_acknowledged", until_the_peer_closes)
             monkeypatch.setattr(QuicStream, "unacked_bytes", control_bytes_never_acknowledged)
     assert isinstance(connection.error, ConnectionClosedByPeer)
