@@ -22,7 +22,10 @@ class SessionClosed(trio.BrokenResourceError):
     ``code`` is the wire error code the session ended with (``NO_ERROR`` for a graceful
     close), ``reason`` the peer's or our own explanation, and ``by_peer`` says whether
     the peer ended it (``SessionClose`` or a QUIC close) or this side did (after detecting
-    a protocol error, a heartbeat timeout, or ``close()``).
+    a protocol error, a heartbeat timeout, or ``close()``). A connection that ended below
+    the session has no Theta code of its own: QUIC's idle timeout is reported as
+    ``HEARTBEAT_TIMEOUT`` (this side's), a QUIC transport error as ``PROTOCOL_VIOLATION``
+    (``INTERNAL_ERROR`` for QUIC's INTERNAL_ERROR) with the QUIC code in ``reason``.
     """
 
     def __init__(self, code: int, reason: str, *, by_peer: bool) -> None:

@@ -26,11 +26,13 @@ from theta._framed import FramedStream
 from theta._groups import only_session_closed, split_cancelled
 from theta._quic import (
     ConnectionClosedByPeer,
+    IdleTimeout,
     QuicConnection,
     QuicConnectionError,
     QuicStream,
     StreamResetError,
     StreamStoppedError,
+    TransportError,
     truncate_utf8,
 )
 from theta._replication_channel import ReplicationChannel
@@ -63,6 +65,7 @@ T = TypeVar("T")
 # A SessionClose alone, and any close with an error code, is waited for at most
 # _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
+_QUIC_INTERNAL_ERROR = 0x1  # the QUIC transport code
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 
 
@@ -372,8 +375,25 @@ class Session:
 
     def _connection_lost(self, error: BaseException) -> None:
         if self._closed is None:
-            if isinstance(error, QuicConnectionError):
+            if isinstance(error, ConnectionClosedByPeer):
                 self._record_close(error.code, error.reason, by_peer=True)
+            elif isinstance(error, IdleTimeout):  # the peer went silent
+                self._record_close(
+                    ErrorCode.HEARTBEAT_TIMEOUT,
+                    "nothing received within the QUIC idle timeout",
+                    by_peer=False,
+                )
+            elif isinstance(error, QuicConnectionError):
+                # A QUIC transport code is not a Theta code: report the failure as the
+                # Theta code nearest to it, and the QUIC code in the reason.
+                code = (
+                    ErrorCode.INTERNAL_ERROR
+                    if error.code == _QUIC_INTERNAL_ERROR
+                    else ErrorCode.PROTOCOL_VIOLATION
+                )
+                by_peer = isinstance(error, TransportError) and error.by_peer
+                reason = f"QUIC transport error {error.code:#x}: {error.reason}"
+                self._record_close(code, reason, by_peer=by_peer)
             else:
                 self._record_close(
                     ErrorCode.INTERNAL_ERROR, f"connection lost: {error!r}", by_peer=False
@@ -400,7 +420,9 @@ class Session:
                 # after a SessionClose (received data drained, handler grace): this send
                 # only reports it.
                 raise SessionClosed(error.code, error.reason, by_peer=True) from None
-            if not isinstance(error, SessionClosed):
+            if isinstance(error, StreamResetError | StreamStoppedError):
+                self._fail(ProtocolViolation(f"the peer aborted a channel ({error!r})"))
+            elif not isinstance(error, SessionClosed):
                 self._connection_lost(error)
             self._raise_closed()
 

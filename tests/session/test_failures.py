@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 import theta
 import theta._server
@@ -21,6 +22,7 @@ from theta.core import (
     SessionClose,
     encode_frame,
 )
+from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .helpers import (
     SessionEnds,
@@ -150,6 +152,25 @@ async def test_heartbeat_timeout_closes_the_session(nursery: trio.Nursery) -> No
     closed = await session_end(server, config=quiet)
     assert closed.by_peer
     assert closed.code == ErrorCode.HEARTBEAT_TIMEOUT
+
+
+async def test_quic_idle_timeout_is_a_heartbeat_timeout_detected_here(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer may advertise an idle timeout shorter than the heartbeat timeout: when the
+    link then dies, QUIC's idle timeout ends the session first. That is this side's finding
+    (the peer said nothing), reported as the heartbeat timeout it stands in for."""
+    server = await start_server(nursery, echo, idle_timeout=1.0)
+    link = LinkConditioner(server.address)
+    await nursery.start(link.run)
+    async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+        cut = LinkConditionerConfig(drop=lambda _: True)
+        link.configure(to_server=cut, to_client=cut)
+        with trio.fail_after(30):
+            closed = await session.wait_closed()
+    assert (closed.code, closed.by_peer) == (ErrorCode.HEARTBEAT_TIMEOUT, False)
+    assert "idle timeout" in closed.reason
+    assert trio.current_time() < 5.0  # before the 5 s heartbeat timeout
 
 
 async def test_permission_denied_for_replication_without_the_role(nursery: trio.Nursery) -> None:

@@ -24,12 +24,13 @@ from theta.core import (
     FrameDecoder,
     Heartbeat,
     Message,
+    ReplicationMessage,
     SessionClose,
     encode_frame,
     schema_hash,
 )
 
-from .helpers import certificate, echo, start_server
+from .helpers import SessionEnds, certificate, echo, start_server
 
 
 @contextlib.asynccontextmanager
@@ -259,6 +260,50 @@ async def test_peer_resetting_a_channel_is_a_violation(nursery: trio.Nursery) ->
         await replication.send_all(b"\x00\x00\x00\x20\x01")
         await replication.reset(5)
         assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_peer_stopping_a_channel_is_a_violation_seen_by_a_send(
+    nursery: trio.Nursery,
+) -> None:
+    """A STOP_SENDING on a channel shows only when the application next sends on it: the
+    same PROTOCOL_VIOLATION as a RESET_STREAM, not this side's INTERNAL_ERROR."""
+    raised: list[BaseException] = []
+
+    async def handler(session: Session) -> None:
+        message = await session.replication.receive()  # comes after the STOP_SENDING
+        try:
+            await session.replication.send(message.payload, tick=message.tick)
+        except SessionClosed as error:
+            raised.append(error)
+
+    server = await start_server(nursery, handler)
+    async with raw_connection(server.port) as connection:
+        _, replication = await establish(connection)
+        connection._quic.stop_stream(replication.stream_id, 5)
+        await send(replication, ReplicationMessage(1, 0, b"x", 0))
+        assert await closed_code(connection) == ErrorCode.PROTOCOL_VIOLATION
+    (error,) = raised
+    assert isinstance(error, SessionClosed)
+    assert (error.code, error.by_peer) == (ErrorCode.PROTOCOL_VIOLATION, False)
+
+
+async def test_peers_quic_transport_error_is_reported_in_theta_terms(
+    nursery: trio.Nursery,
+) -> None:
+    """A peer's QUIC stack closing with a transport error: its code (here 0x0a, QUIC's
+    PROTOCOL_VIOLATION, which is PERMISSION_DENIED in Theta's table) is no Theta code."""
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
+    async with raw_connection(server.port) as connection:
+        control, _ = await establish(connection)
+        decoder = FrameDecoder(Channel.CONTROL)  # the session runs once it heartbeats
+        while not any(isinstance(m, Heartbeat) for m in decoder.feed(await control.receive_some())):
+            pass
+        connection._tell_peer_nowait(0x0A, "quic stack gave up", transport=True)
+        with trio.fail_after(5):
+            (closed,) = await ends.wait()
+    assert (closed.code, closed.by_peer) == (ErrorCode.PROTOCOL_VIOLATION, True)
+    assert closed.reason == "QUIC transport error 0xa: quic stack gave up"
 
 
 async def test_session_hello_on_a_later_stream(nursery: trio.Nursery) -> None:

@@ -320,7 +320,7 @@ class QuicConnection:
                     if self.terminated.is_set():
                         return
                 if (peer_close := quic.peer_close()) is not None:
-                    self._terminate(self._termination_error(peer_close))
+                    self._terminate(self._termination_error(peer_close, by_peer=True))
                     return
                 if not self.handshake_complete.is_set() and now >= self._handshake_deadline:
                     self._give_up_handshake()
@@ -447,7 +447,7 @@ class QuicConnection:
             elif isinstance(event, _engine.ConnectionIdRetired):
                 self._endpoint.remove_cid(self, event.connection_id)
             elif isinstance(event, _engine.ConnectionTerminated):
-                self._terminate(self._termination_error(event))
+                self._terminate(self._termination_error(event, by_peer=False))
                 return delivered
         return delivered
 
@@ -480,8 +480,10 @@ class QuicConnection:
     # -- termination --------------------------------------------------------------------
 
     def _termination_error(
-        self, event: _engine.ConnectionTerminated
+        self, event: _engine.ConnectionTerminated, *, by_peer: bool
     ) -> QuicConnectionError | trio.ClosedResourceError:
+        """``by_peer``: the peer's CONNECTION_CLOSE (the engine reports its own closes, and
+        the idle timeout, only once their closing period is over)."""
         kind = _engine.termination_kind(event)
         if self._closed_locally:
             return trio.ClosedResourceError("connection closed by this side")
@@ -489,7 +491,9 @@ class QuicConnection:
             return ConnectionClosedByPeer(event.error_code, event.reason_phrase)
         if kind == "idle":
             return IdleTimeout(event.error_code, event.reason_phrase)
-        return TransportError(event.error_code, event.reason_phrase, event.frame_type)
+        return TransportError(
+            event.error_code, event.reason_phrase, event.frame_type, by_peer=by_peer
+        )
 
     def peer_unreachable(self) -> None:
         """The peer's address answered ICMP port unreachable. Trusted only while the

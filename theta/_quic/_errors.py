@@ -28,11 +28,15 @@ class ConnectionClosedByPeer(QuicConnectionError):
 
 class TransportError(QuicConnectionError):
     """The connection failed at the QUIC/TLS layer (``code`` is a transport error code,
-    ``frame_type`` the offending frame type if any), whichever side detected it."""
+    ``frame_type`` the offending frame type if any); ``by_peer`` says whether the peer's
+    QUIC stack detected it and sent the close, rather than this side's."""
 
-    def __init__(self, code: int, reason: str, frame_type: int | None = None) -> None:
+    def __init__(
+        self, code: int, reason: str, frame_type: int | None = None, *, by_peer: bool = False
+    ) -> None:
         super().__init__(code, reason)
         self.frame_type = frame_type
+        self.by_peer = by_peer
 
 
 class ConnectionRefused(TransportError):
