@@ -13,6 +13,7 @@ from theta._framed import FramedStream
 from theta._groups import single_error
 from theta._quic import (
     ConnectionClosedByPeer,
+    NameResolutionTimeout,
     QuicConnection,
     StreamResetError,
     StreamStoppedError,
@@ -45,8 +46,10 @@ async def connect(
 ) -> AsyncIterator[Session]:
     """Open a Theta session to ``host:port``; yield it once established.
 
-    Establishing means QUIC + TLS, the signed handshake and the replication and assets
-    channels, all within ``config.handshake_timeout``. Raises :class:`HandshakeRejected`
+    Establishing means resolving ``host``, QUIC + TLS, the signed handshake and the
+    replication and assets channels, all within ``config.handshake_timeout``; each address
+    ``host`` resolves to is tried in turn while the host answers that nothing listens
+    there. Raises :class:`HandshakeRejected`
     (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
     bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when nothing
     answered at that address, or the host said nothing listens there), or the
@@ -59,7 +62,7 @@ async def connect(
     deadline = trio.current_time() + config.handshake_timeout
     with single_error():
         try:
-            quic = open_quic_connection(host, port, client_quic_config(config))
+            quic = open_quic_connection(host, port, client_quic_config(config), deadline=deadline)
             async with quic as connection:
                 session = await _establish(connection, config, deadline)
                 async with trio.open_nursery() as nursery:
@@ -76,6 +79,10 @@ async def connect(
                         )
                         raise
                     await session.close()
+        except NameResolutionTimeout:
+            raise ServerUnreachable(
+                f"resolving {host!r} did not complete within {config.handshake_timeout:g} s"
+            ) from None
         except QuicHandshakeTimeout as error:
             within = f"within {config.handshake_timeout:g} s"
             if error.peer_answered:

@@ -42,7 +42,8 @@ class SessionClosed(trio.BrokenResourceError):
 
 class ServerUnreachable(HandshakeTimeout):
     """No QUIC handshake at all: nothing answered at that address before the handshake
-    deadline (or every packet was lost), or the host reported that nothing listens there
-    (ICMP port unreachable). A :class:`~theta.HandshakeTimeout`, so code that handles
+    deadline (or every packet was lost), the host reported that nothing listens there
+    (ICMP port unreachable, at every address of the name), or resolving the name took
+    the whole handshake timeout. A :class:`~theta.HandshakeTimeout`, so code that handles
     timeouts handles this too; a server that answered but too slowly raises a plain
     :class:`~theta.HandshakeTimeout`."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 import pytest
 import trio
@@ -372,6 +375,92 @@ async def test_connection_refused_fails_fast() -> None:
     with trio.fail_after(5), pytest.raises(theta.ServerUnreachable, match="nothing listens"):
         async with theta.connect("127.0.0.1", port, config):
             pytest.fail("nothing listens")
+
+
+_AddressInfo = (  # trio.abc.HostnameResolver's entries
+    tuple[Literal[socket.AddressFamily.AF_INET], socket.SocketKind, int, str, tuple[str, int]]
+    | tuple[
+        Literal[socket.AddressFamily.AF_INET6],
+        socket.SocketKind,
+        int,
+        str,
+        tuple[str, int, int, int] | tuple[int, bytes],
+    ]
+)
+
+
+class _Resolver(trio.abc.HostnameResolver):
+    """Resolves every name to ``addresses`` (IP, port) after ``delay`` seconds."""
+
+    def __init__(self, addresses: list[tuple[str, int]], delay: float = 0.0) -> None:
+        self.addresses = addresses
+        self.delay = delay
+
+    async def getaddrinfo(  # noqa: PLR0917 (trio's signature)
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[_AddressInfo]:
+        await trio.sleep(self.delay)
+        found: list[_AddressInfo] = []
+        for ip, number in self.addresses:
+            if ":" in ip:
+                found.append((socket.AF_INET6, socket.SOCK_DGRAM, 0, "", (ip, number, 0, 0)))
+            else:
+                found.append((socket.AF_INET, socket.SOCK_DGRAM, 0, "", (ip, number)))
+        return found
+
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+async def test_resolving_counts_against_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    trio.socket.set_custom_hostname_resolver(_Resolver([], delay=math.inf))
+    config = client_config(handshake_timeout=0.5)
+    with trio.fail_after(60), pytest.raises(theta.ServerUnreachable, match="resolving 'game"):
+        async with theta.connect("game.test", 4433, config):
+            pytest.fail("resolved")
+    assert trio.current_time() == pytest.approx(0.5)
+
+
+async def test_a_slow_resolver_leaves_the_handshake_the_rest_of_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
+        await silent.bind(("127.0.0.1", 0))  # bound, never answers: no ICMP either
+        address = silent.getsockname()
+        trio.socket.set_custom_hostname_resolver(_Resolver([address], delay=0.4))
+        config = client_config(handshake_timeout=0.5)
+        with pytest.raises(theta.ServerUnreachable, match="no answer"):
+            async with theta.connect("game.test", address[1], config):
+                pytest.fail("answered")
+    assert trio.current_time() == pytest.approx(0.5, abs=0.01)
+
+
+async def test_every_address_of_the_name_is_tried_while_refused(nursery: trio.Nursery) -> None:
+    """``localhost`` may resolve to ``::1`` first while the server listens on 127.0.0.1."""
+    server = await start_server(nursery, echo)
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as probe:
+        await probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]  # free once closed: nothing listens there
+    refusing = [("::1", server.port), ("127.0.0.1", free)]
+    trio.socket.set_custom_hostname_resolver(_Resolver([*refusing, ("127.0.0.1", server.port)]))
+    with trio.fail_after(5):
+        async with theta.connect("game.test", server.port, client_config()) as session:
+            await session.replication.send(b"hello", tick=1)
+            assert (await session.replication.receive()).payload == b"hello"
+        trio.socket.set_custom_hostname_resolver(_Resolver(refusing))
+        with pytest.raises(theta.ServerUnreachable, match="nothing listens"):
+            async with theta.connect("game.test", server.port, client_config()):
+                pytest.fail("nothing listens")
 
 
 async def test_close_validates_its_code_and_bounds_its_reason(nursery: trio.Nursery) -> None:

@@ -23,6 +23,7 @@ from . import _engine
 from ._config import QuicConfig, check_port
 from ._connection import QuicConnection
 from ._endpoint import Address, UdpEndpoint, open_udp_socket
+from ._errors import ConnectionRefused, NameResolutionTimeout
 from ._retry import RetryTokens
 
 logger = logging.getLogger("theta.quic")
@@ -31,30 +32,63 @@ ConnectionHandler = Callable[[QuicConnection], Awaitable[None]]
 """A server's per-connection coroutine function."""
 
 _HANDLER_FAILED = 0x1
+_INTERNAL_ERROR = 0x1  # QUIC's code for a failure that did not come from the wire
 
 
-async def _resolve(host: str, port: int) -> tuple[int, Address]:
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"cannot resolve {host!r}")
-    family, _, _, _, sockaddr = infos[0]
-    return int(family), tuple(sockaddr)
+async def _resolve(host: str, port: int, deadline: float) -> list[tuple[int, Address]]:
+    """Every UDP address of ``host:port``, in the resolver's order, duplicates dropped;
+    resolving counts against the handshake ``deadline``."""
+    with trio.move_on_at(deadline):
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        addresses: list[tuple[int, Address]] = []
+        for family, _, _, _, sockaddr in infos:
+            if (int(family), tuple(sockaddr)) not in addresses:
+                addresses.append((int(family), tuple(sockaddr)))
+        if not addresses:
+            raise OSError(f"cannot resolve {host!r}")
+        return addresses
+    raise NameResolutionTimeout(_INTERNAL_ERROR, f"resolving {host!r} did not complete in time")
 
 
 @contextlib.asynccontextmanager
 async def open_quic_connection(
-    host: str, port: int, config: QuicConfig
+    host: str, port: int, config: QuicConfig, *, deadline: float | None = None
 ) -> AsyncIterator[QuicConnection]:
     """Connect to ``host:port`` and yield the connection once the handshake is complete.
 
-    Raises :class:`HandshakeTimeout` or :class:`TransportError` (e.g. certificate
-    rejected) if the handshake fails. On a normal exit it first waits (at most
-    ``idle_timeout``) until the peer has acknowledged everything sent; on any exit it
-    closes with code 0 without waiting out the closing period, then closes the socket.
-    ``port`` must be an ``int`` in 1..65535.
+    Resolving the name and the handshake must end by ``deadline`` (default: now +
+    ``config.handshake_timeout``). The addresses the name resolves to are tried in turn
+    while each answers that nothing listens there (ICMP port unreachable), e.g. ``::1``
+    then ``127.0.0.1`` for ``localhost``; one that stays silent takes the rest of the
+    deadline. Raises :class:`HandshakeTimeout` (:class:`NameResolutionTimeout` while
+    resolving), :class:`ConnectionRefused` (every address refused) or
+    :class:`TransportError` (e.g. certificate rejected) if the handshake fails. On a
+    normal exit it first waits (at most ``idle_timeout``) until the peer has acknowledged
+    everything sent; on any exit it closes with code 0 without waiting out the closing
+    period, then closes the socket. ``port`` must be an ``int`` in 1..65535.
     """
     check_port(port, allow_zero=False)
-    family, addr = await _resolve(host, port)
+    if deadline is None:
+        deadline = trio.current_time() + config.handshake_timeout
+    addresses = await _resolve(host, port, deadline)
+    async with contextlib.AsyncExitStack() as stack:
+        for index, (family, addr) in enumerate(addresses):
+            attempt = _open_connection(host, family, addr, config, deadline)
+            try:
+                connection = await stack.enter_async_context(attempt)
+            except ConnectionRefused:
+                if index == len(addresses) - 1:
+                    raise
+                logger.debug("nothing listens at %s, trying the next address", addr)
+                continue
+            yield connection
+            return
+
+
+@contextlib.asynccontextmanager
+async def _open_connection(
+    host: str, family: int, addr: Address, config: QuicConfig, deadline: float
+) -> AsyncIterator[QuicConnection]:
     bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
     configuration = _engine.build_configuration(config, is_client=True, server_name=host)
     try:
@@ -71,7 +105,9 @@ async def open_quic_connection(
                 engine = _engine.create_connection(
                     configuration, max_peer_streams=config.max_concurrent_peer_streams
                 )
-                connection = QuicConnection(endpoint, engine, config, addr, is_client=True)
+                connection = QuicConnection(
+                    endpoint, engine, config, addr, is_client=True, handshake_deadline=deadline
+                )
                 endpoint.add_client_connection(connection)
                 connection.connect()
                 # The transport is shielded from a cancellation of the caller's scope until

@@ -80,6 +80,7 @@ class QuicConnection:
         peer: Address,
         *,
         is_client: bool,
+        handshake_deadline: float | None = None,
     ) -> None:
         self.config = config
         self.is_client = is_client
@@ -110,7 +111,11 @@ class QuicConnection:
         self._acknowledged_waiters = 0
         self.created_at = trio.current_time()
         """When the connection was created (accepted, for a server), on trio's clock."""
-        self._handshake_deadline = self.created_at + config.handshake_timeout
+        self._handshake_deadline = (
+            self.created_at + config.handshake_timeout
+            if handshake_deadline is None
+            else handshake_deadline
+        )
         self.handshake_complete = trio.Event()
         """Set once the TLS handshake has completed (or the connection is over)."""
         endpoint.handshaking += 1

@@ -56,6 +56,10 @@ class HandshakeTimeout(TransportError):
         self.peer_answered = peer_answered
 
 
+class NameResolutionTimeout(HandshakeTimeout):
+    """Resolving the server's name took the whole handshake timeout."""
+
+
 class StreamResetError(trio.BrokenResourceError):
     """The peer reset the stream (RESET_STREAM) with application error ``code``."""
 
