@@ -40,6 +40,14 @@ async def test_key_log_file_is_written(echo_server: QuicServer, tmp_path: Path) 
     assert "SERVER_TRAFFIC_SECRET_0" in text
 
 
+def test_a_configuration_that_fails_leaves_no_key_log_file_open(tmp_path: Path) -> None:
+    config = QuicConfig(certificate=b"not a certificate", private_key=b"not a key")
+    config = dataclasses.replace(config, key_log_file=tmp_path / "keys.log")
+    with pytest.raises(ValueError, match="no usable PEM certificates"):
+        _engine.build_configuration(config, is_client=False)
+    assert not (tmp_path / "keys.log").exists()  # opened only once nothing else can fail
+
+
 async def test_insecure_option_connects_and_warns(
     echo_server: QuicServer, caplog: pytest.LogCaptureFixture
 ) -> None:

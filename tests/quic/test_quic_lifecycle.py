@@ -474,6 +474,63 @@ async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.N
     assert isinstance(result, StreamResetError)  # not a clean end after a partial message
 
 
+async def test_aclose_beside_a_blocked_send_all_resets_instead_of_fin(
+    nursery: trio.Nursery,
+) -> None:
+    """Another task closes the stream while ``send_all`` waits part-way through its data:
+    the peer must not read the written part followed by a clean end of stream."""
+    high_water = window = 1024
+    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
+    read_now = trio.Event()
+
+    async def reader(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        await read_now.wait()
+        try:
+            outcome_send.send_nowait(await read_all(stream))
+        except trio.BrokenResourceError as error:
+            outcome_send.send_nowait(error)
+        await connection.terminated.wait()
+
+    server = await start_server(nursery, reader, stream_receive_window=window)
+    config = client_config(stream_send_high_water=high_water)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, config) as connection:
+            stream = await connection.open_stream()
+
+            async def send() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.send_all(payload(8 * high_water))
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(send)
+                while not stream._writable.statistics().tasks_waiting:  # blocked part-way
+                    await trio.testing.wait_all_tasks_blocked()
+                await stream.aclose()
+            read_now.set()
+            result = await outcome.receive()
+    assert isinstance(result, StreamResetError), result
+
+
+async def test_send_eof_on_a_broken_stream_raises(nursery: trio.Nursery) -> None:
+    """Like ``send_all``, ``send_eof`` says that the end of the stream cannot be sent
+    (trio's HalfCloseableStream contract): here the peer has closed the connection."""
+
+    async def handler(connection: QuicConnection) -> None:
+        stream = await connection.accept_stream()
+        await stream.receive_some()
+        await connection.close(5, "go away")
+
+    server = await start_server(nursery, handler)
+    with trio.fail_after(10):
+        async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
+            stream = await connection.open_stream()
+            await stream.send_all(b"x")
+            await connection.terminated.wait()
+            with pytest.raises(ConnectionClosedByPeer):
+                await stream.send_eof()
+
+
 async def test_a_long_close_reason_is_cut_on_a_character(nursery: trio.Nursery) -> None:
     async def handler(connection: QuicConnection) -> None:
         await (await connection.accept_stream()).receive_some()

@@ -559,7 +559,7 @@ class QuicConnection:
         self._inbox.clear()
         self._acknowledged.set()
         self._endpoint.timers.cancel(self)
-        self._unpark()
+        self._wake()  # the driver may be running (in its send): it must not park again
         self._endpoint.remove_connection(self)
 
     def _end_handshake(self) -> None:

@@ -27,7 +27,7 @@ import logging
 import math
 import ssl
 from collections.abc import Iterable
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple
 
 from aioquic._buffer import Buffer
 from aioquic.quic import events as _events
@@ -178,14 +178,6 @@ def build_configuration(
     If a key log file is configured it is opened here; call :func:`release_configuration`
     when the endpoint using the configuration is done.
     """
-    key_log: TextIO | None = None
-    if config.key_log_file is not None:
-        try:
-            key_log = open(config.key_log_file, "a")  # noqa: SIM115 - see release_configuration
-        except OSError as error:
-            raise OSError(
-                error.errno, f"cannot open key_log_file {config.key_log_file}: {error.strerror}"
-            ) from None
     configuration = QuicConfiguration(
         alpn_protocols=[ALPN],
         is_client=is_client,
@@ -197,7 +189,6 @@ def build_configuration(
         supported_versions=list(SUPPORTED_VERSIONS),
         congestion_control_algorithm=config.congestion_control,
         connection_id_length=CID_LENGTH,
-        secrets_log_file=key_log,
     )
     if is_client:
         configuration.server_name = config.server_name or server_name
@@ -220,6 +211,14 @@ def build_configuration(
         )
         configuration.certificate = chain[0]
         configuration.certificate_chain = chain[1:]
+    if config.key_log_file is not None:  # last: nothing after it can fail and leave it open
+        try:
+            key_log = open(config.key_log_file, "a")  # noqa: SIM115 - see release_configuration
+        except OSError as error:
+            raise OSError(
+                error.errno, f"cannot open key_log_file {config.key_log_file}: {error.strerror}"
+            ) from None
+        configuration.secrets_log_file = key_log
     return configuration
 
 

@@ -59,6 +59,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._send_error: BaseException | None = None
         self._send_interrupted = False  # a send_all stopped with part of its data written
+        self._send_partial = False  # a send_all is running with part of its data written
         self._sending = False
         self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
@@ -111,6 +112,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     room = self._high_water - self.unacked_bytes()
                     self._connection._send_stream_data(self, bytes(view[:room]), end_stream=False)
                     view, written = view[room:], True  # only once that chunk is written
+                    self._send_partial = bool(view)
                     self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
             except BaseException:
                 if written and view and self._send_error is None:
@@ -120,7 +122,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     self._send_error = trio.BrokenResourceError(_INTERRUPTED)
                 raise
         finally:
-            self._sending = False
+            self._sending = self._send_partial = False
 
     async def send_whole(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one unit: wait until the unacknowledged bytes are below the
@@ -163,17 +165,27 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def send_eof(self) -> None:
-        """Send FIN: the peer reads end-of-stream after the data already sent."""
+        """Send FIN: the peer reads end-of-stream after the data already sent. Idempotent;
+        raises ``BrokenResourceError`` (the stream's error) if the FIN can no longer be
+        sent: the peer sent STOP_SENDING, the connection is gone, or a ``send_all`` was
+        interrupted part-way."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        await trio.lowlevel.checkpoint()
-        if self._send_interrupted:
-            raise trio.BrokenResourceError(_INTERRUPTED)
-        if not self._eof_sent and self._send_error is None:
+        self._sending = True  # no send_all may start during the checkpoint
+        try:
+            await trio.lowlevel.checkpoint()
+            if self._closed:
+                raise trio.ClosedResourceError("stream closed")
+            if self._eof_sent:
+                return
+            if self._send_error is not None:
+                raise self._send_error
             self._eof_sent = True
             self._connection._send_stream_data(self, b"", end_stream=True)
+        finally:
+            self._sending = False
 
     # -- receiving --------------------------------------------------------------------
 
@@ -222,7 +234,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
         part-way (the peer must not read a truncated message as a complete one)."""
         if not self._closed:
             self._closed = True
-            if self._send_interrupted:  # RESET_STREAM, not a FIN after part of a message
+            if self._send_interrupted or self._send_partial:
+                # RESET_STREAM, not a FIN after part of a message (a send_all blocked in
+                # another task fails once woken)
                 self._connection._reset_stream(self, 0)
             else:
                 self._connection._close_stream(
