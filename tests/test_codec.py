@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -200,6 +201,39 @@ def test_unidentified_stream_reads_first_frame_under_control_limit() -> None:
     assert decoder.max_frame_size == 8192
     with pytest.raises(FrameTooLarge):
         FrameDecoder(None, limits=limits).feed(big)
+
+
+@pytest.mark.parametrize("rest", [b"\xff\xff\xff", b"\x00\x00\x00"])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_a_bad_length_split_across_feeds_is_rejected_before_the_body(
+    rest: bytes, split: int
+) -> None:
+    """Spec 3: the receiver must not take in the body of a frame whose prefix is bad, also
+    when the prefix came in two pieces and the second brings body bytes with it."""
+    prefix = (b"\x7f" if rest[0] else b"\x00") + rest
+    decoder = FrameDecoder(Channel.REPLICATION)
+    assert decoder.feed(prefix[:split]) == []
+    chunk = prefix[split:] + bytes(8 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameTooLarge if rest[0] else MalformedFrame):
+            decoder.feed(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_an_identifying_frame_split_across_feeds_sets_the_limit_for_the_rest() -> None:
+    limits = FrameLimits(control=64, replication=4096, assets=8192)
+    opening = encode_frame(ChannelOpen(2))
+    big = encode_frame(AssetChunk(1, 0, 2000, "n", b"d" * 2000))
+    stream = opening + big
+    for cut in range(1, len(opening) + 8):
+        decoder = FrameDecoder(None, limits=limits)
+        received = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert received == [ChannelOpen(2), AssetChunk(1, 0, 2000, "n", b"d" * 2000)]
+        assert decoder.buffered == 0
 
 
 def test_limit_configuration_is_validated() -> None:

@@ -253,15 +253,15 @@ class FrameDecoder:
         if self._ended:
             raise LocalProtocolError("feed() after end_of_stream()")
         try:
-            if self._buffer:
-                self._buffer += data
-                with memoryview(self._buffer) as view:
-                    messages, used = self._parse(view)
-                del self._buffer[:used]
-            else:
-                with memoryview(data) as view:
-                    messages, used = self._parse(view)
-                    self._buffer += view[used:]
+            messages: list[Message] = []
+            with memoryview(data) as whole:
+                rest = whole
+                if self._buffer:  # the frame begun earlier takes only its own bytes
+                    rest = self._complete_buffered(whole, messages)
+                if not self._buffer:
+                    more, used = self._parse(rest)
+                    messages += more
+                    self._buffer += rest[used:]
         except (MalformedFrame, FrameTooLarge, ProtocolViolation) as error:
             self._failed = error
             # The traceback may still hold views of the old buffer: replace, don't resize.
@@ -280,18 +280,44 @@ class FrameDecoder:
             self._buffer = bytearray()
             raise error
 
+    def _complete_buffered(self, view: memoryview, messages: list[Message]) -> memoryview:
+        """Move into the buffer the bytes of ``view`` that the buffered frame still lacks
+        (a prefix split across feeds is checked before any body byte is taken); append
+        the frame to ``messages`` once whole. Return the rest of ``view``."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            missing = 4 - len(buffer)
+            buffer += view[:missing]
+            view = view[missing:]
+            if len(buffer) < 4:
+                return view
+            self._check_length(_PREFIX(buffer, 0)[0])
+        end = 4 + _PREFIX(buffer, 0)[0]
+        missing = end - len(buffer)
+        buffer += view[:missing]
+        view = view[missing:]
+        if len(buffer) == end:
+            with memoryview(buffer) as frame:
+                messages.append(self._decode(frame[4:]))
+            self._buffer = bytearray()
+        return view
+
+    def _check_length(self, length: int) -> None:
+        """Spec 3: a bad length is known from the prefix alone, before any body byte."""
+        if length == 0:
+            raise _fail("zero-length frame")
+        if length > self._limit:
+            raise FrameTooLarge(
+                f"frame of {length} bytes exceeds the {self._limit}-byte limit"
+                f" of the {self._channel_name()} channel"
+            )
+
     def _parse(self, view: memoryview) -> tuple[list[Message], int]:
         messages: list[Message] = []
         pos, size = 0, len(view)
         while size - pos >= 4:
             length = _PREFIX(view, pos)[0]
-            if length == 0:
-                raise _fail("zero-length frame")
-            if length > self._limit:
-                raise FrameTooLarge(
-                    f"frame of {length} bytes exceeds the {self._limit}-byte limit"
-                    f" of the {self._channel_name()} channel"
-                )
+            self._check_length(length)
             end = pos + 4 + length
             if end > size:
                 break
