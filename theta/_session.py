@@ -103,6 +103,7 @@ class Session:
         )
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
+        self._closing: trio.Event | None = None  # set once this side's close() is done
         self._progress = trio.Event()  # set when received data moves after the close
         self._has_handler = False  # a server's handler runs in run(): see _peer_closed
         # The heartbeat sender sleeps in this scope until its timer; the reader moves the
@@ -214,8 +215,9 @@ class Session:
         the wait ends when a heartbeat timeout passes without any, and what is left
         unacknowledged then is logged as abandoned (``WARNING``). Other codes wait at most
         a second. The ``SessionClose`` too is waited for once the connection has had to
-        retransmit; with nothing to wait for, the close is immediate. Idempotent; returns
-        once the session's tasks are stopping.
+        retransmit; with nothing to wait for, the close is immediate. Idempotent: a
+        ``close`` while another is under way waits for it. Returns once the session's tasks
+        are stopping.
 
         ``code`` is a wire error code, an ``int`` in 0..65535; ``reason`` is a ``str``, cut to
         1 KiB of UTF-8. Anything else raises ``TypeError``/``ValueError`` and closes nothing.
@@ -229,6 +231,7 @@ class Session:
             raise ValueError(f"close code {code} is not an unsigned 16-bit value")
         reason = truncate_utf8(reason, _MAX_REASON)
         if self._closed is None:
+            self._closing = closing = trio.Event()
             self._record_close(code, reason, by_peer=False)
             try:
                 with trio.CancelScope(shield=True):
@@ -257,6 +260,9 @@ class Session:
                         pass
             finally:
                 self._close_connection()
+                closing.set()
+        elif self._closing is not None:
+            await self._closing.wait()  # the first close() is still delivering what was sent
         self._cancel_scope.cancel()
 
     async def _wait_acknowledged(self, streams: list[QuicStream], *, patient: bool) -> None:

@@ -309,6 +309,34 @@ async def test_a_slow_handler_gets_everything_sent_before_the_close(
     assert seen.code == ErrorCode.NO_ERROR
 
 
+async def test_a_second_close_waits_for_the_first_to_deliver(
+    nursery: trio.Nursery, short_close_grace: float
+) -> None:
+    """Two tasks close the session at once while a slow handler still reads: the second
+    close must not cut short the first one's wait for what was sent."""
+    received: list[int] = []
+    ends = SessionEnds()
+
+    async def slow_sink(session: Session) -> None:
+        async for message in session.replication:
+            received.append(message.tick)
+            await trio.sleep(0.0005)  # a slow consumer
+        await ends.handler(session)
+
+    server = await start_server(nursery, slow_sink)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.replication.send_many([(tick, os.urandom(2000)) for tick in range(1000)])
+            async with trio.open_nursery() as closers:
+                closers.start_soon(session.close)
+                while not session._connection._acknowledged_waiters:  # the first one waits
+                    await trio.lowlevel.checkpoint()
+                closers.start_soon(session.close)
+        (seen,) = await ends.wait()
+    assert received == list(range(1000))
+    assert seen.code == ErrorCode.NO_ERROR
+
+
 async def test_the_receiver_of_a_close_raises_credit_in_small_steps(
     nursery: trio.Nursery,
 ) -> None:
