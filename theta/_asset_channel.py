@@ -82,6 +82,7 @@ class AssetChannel(DataChannel[AssetProgress]):
         if not name:
             raise ValueError("an asset needs a non-empty name")
         if isinstance(data, bytes | bytearray | memoryview):
+            data = memoryview(data).cast("B")  # sized in bytes, whatever its item size
             if total_size is not None and total_size != len(data):
                 raise ValueError(f"total_size {total_size} != {len(data)} bytes of data")
         elif not hasattr(data, "__aiter__"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import functools
@@ -186,6 +187,22 @@ async def test_assets_stream_transfers_large_payloads(nursery: trio.Nursery) -> 
     assert asset_id == 1
     assert progress[-1] == len(payload)
     assert progress == sorted(progress)
+
+
+async def test_an_asset_given_as_a_view_of_wider_items_is_sized_in_bytes(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo)
+    samples = memoryview(array.array("d", range(1000)))  # 8,000 bytes in 1,000 items
+    totals: list[int] = []
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.assets.send(
+                "samples", samples, total_size=8000, progress=lambda _, total: totals.append(total)
+            )
+            echoed = await session.assets.receive()
+    assert echoed.data == samples.tobytes()
+    assert set(totals) == {8000}
 
 
 async def test_streamed_asset_from_async_iterable(nursery: trio.Nursery) -> None:
