@@ -150,7 +150,8 @@ class Session:
 
     @property
     def peer_address(self) -> tuple[str, int]:
-        """The peer's UDP address (host, port)."""
+        """The peer's UDP address (host, port); it follows a peer whose address changed
+        (e.g. a NAT rebinding between a client and the server)."""
         address = self._connection.remote_address
         return str(address[0]), int(address[1])
 

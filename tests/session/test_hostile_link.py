@@ -42,3 +42,29 @@ async def test_session_survives_a_hostile_link(
     assert snapshot.rtt_min is not None
     assert snapshot.rtt_min >= 0.020  # two one-way delays of at least 20 - 10 ms
     assert all(stats.dropped > 0 for stats in link.stats.values())
+
+
+async def test_session_follows_a_client_whose_nat_rebinds(nursery: trio.Nursery) -> None:
+    """The client's address changes mid-session: the server moves to the new one (QUIC
+    migration), nothing is lost, and ``peer_address`` says where the client is now."""
+    seen: list[tuple[str, int]] = []
+
+    async def echo_noting_the_address(session: theta.Session) -> None:
+        async for message in session.replication:
+            seen.append(session.peer_address)
+            await session.replication.send(message.payload, tick=message.tick)
+
+    server = await start_server(nursery, echo_noting_the_address)
+    link = LinkConditioner(server.address)
+    await nursery.start(link.run)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+            for tick in range(6):
+                if tick == 3:
+                    link.rebind()
+                await session.replication.send(b"where am I", tick=tick)
+                assert (await session.replication.receive()).tick == tick
+            assert session.closed is None
+    before, after = set(seen[:3]), set(seen[3:])
+    assert len(before) == len(after) == 1
+    assert before != after

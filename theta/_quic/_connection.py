@@ -85,7 +85,8 @@ class QuicConnection:
         self.config = config
         self.is_client = is_client
         self.remote_address: Address = peer
-        """Address of the peer (as last seen)."""
+        """Address of the peer: where the connection sends to, which follows a peer whose
+        address changed (e.g. a NAT rebinding) once a datagram came from the new one."""
         self._endpoint = endpoint
         self._quic = engine
         self._streams: dict[int, QuicStream] = {}
@@ -304,6 +305,7 @@ class QuicConnection:
                     if not self.is_client and quic.is_first_flight:
                         self._drop_undecryptable()
                         return
+                    self.remote_address = quic.peer_address
                 now = trio.current_time()
                 fired_at = None
                 if timer_at is not None and now >= timer_at:

@@ -471,6 +471,12 @@ class EngineConnection(_AioquicConnection):
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
     @property
+    def peer_address(self) -> Any:
+        """Where the engine sends to now: it moves to a peer's new address (RFC 9000, 9.3)
+        once a non-probing packet came from there."""
+        return self._network_paths[0].addr
+
+    @property
     def is_first_flight(self) -> bool:
         """True until a packet from the peer has been decrypted."""
         return self._state is QuicConnectionState.FIRSTFLIGHT

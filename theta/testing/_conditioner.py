@@ -156,6 +156,14 @@ class LinkConditioner:
         if to_client is not None:
             self._directions["to_client"].config = to_client
 
+    def rebind(self) -> None:
+        """Act like a NAT that forgot its mappings: each client's next datagram to the
+        server leaves from a new port, and what the server sends to the old ports is
+        lost. For testing how a server follows a client whose address changed."""
+        for upstream in self._upstreams.values():
+            upstream.close()
+        self._upstreams.clear()
+
     async def run(
         self, *, task_status: trio.TaskStatus[LinkConditioner] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -207,6 +215,8 @@ class LinkConditioner:
         while True:
             try:
                 data, _ = await upstream.recvfrom(65536)
+            except trio.ClosedResourceError:
+                return  # rebound
             except OSError:
                 continue
             if not self._dropped_by_filter("to_client", data):
