@@ -28,6 +28,7 @@ from .quic_helpers import (
     client_config,
     count_tasks,
     digest_handler,
+    echo_handler,
     echo_stream,
     payload,
     read_all,
@@ -228,6 +229,25 @@ async def test_untrusted_certificate_is_rejected(echo_server: QuicServer) -> Non
         async with open_quic_connection("127.0.0.1", echo_server.port, config):
             pytest.fail("must not connect")  # pragma: no cover
     assert not isinstance(caught.value, HandshakeTimeout)
+
+
+async def test_a_close_of_the_engines_own_is_reported_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client's engine refuses the certificate and closes with a TLS alert: connect
+    fails as that close leaves (one round trip in), not after the closing period (3 PTO,
+    ≥ 3 round trips here)."""
+    server = await start_server(nursery, echo_handler)
+    half_round_trip = LinkConditionerConfig(delay=0.05)
+    link = LinkConditioner(server.address, half_round_trip, half_round_trip)
+    await nursery.start(link.run)
+    stranger = generate_self_signed_certificate()
+    config = client_config().__class__(ca_certs=stranger.certificate_pem, handshake_timeout=5)
+    started = trio.current_time()
+    with trio.fail_after(10), pytest.raises(TransportError, match="self-signed"):
+        async with open_quic_connection("127.0.0.1", link.address[1], config):
+            pytest.fail("must not connect")  # pragma: no cover
+    assert trio.current_time() - started < 0.15
 
 
 async def test_send_whole_writes_all_or_nothing(nursery: trio.Nursery) -> None:

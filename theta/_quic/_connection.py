@@ -339,8 +339,16 @@ class QuicConnection:
                     self._wake_pending = False
                 datagrams = quic.datagrams_to_send(now=now)
                 timer_at = quic.get_timer()
+                engine_close = None if self._closed_locally else quic.own_close()
             except _engine.ENGINE_ERRORS as exc:
                 self._fail_engine(exc)
+                return
+            if engine_close is not None:
+                # The engine closed the connection itself: its CONNECTION_CLOSE is among
+                # these datagrams. The application learns now, not after the closing
+                # period (as when this side gives up: the close is sent once).
+                await self._send(datagrams)
+                self._terminate(self._termination_error(engine_close, by_peer=False))
                 return
             self._written_since_transmit = 0
             self._round_streams.clear()

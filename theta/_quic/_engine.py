@@ -501,6 +501,13 @@ class EngineConnection(_AioquicConnection):
             return self._close_event
         return None
 
+    def own_close(self) -> ConnectionTerminated | None:
+        """The engine's own CONNECTION_CLOSE (it found the peer breaking QUIC, or TLS
+        failed), once sent; aioquic reports it only after the closing period."""
+        if self._state is QuicConnectionState.CLOSING:
+            return self._close_event
+        return None
+
     def read_stats(self) -> EngineStats:
         """Snapshot of RTT, congestion window and loss figures (private aioquic state)."""
         recovery = self._loss
