@@ -231,6 +231,43 @@ def test_frame_walk_accepts_whole_frames_and_no_prefix(
                 assert not _ends_on_frame_boundary(decompressor, payload[:cut])
 
 
+class _CountingDecompressor:
+    """Counts the bytes the frame walk hands to zstd."""
+
+    def __init__(self) -> None:
+        self.inner = zstandard.ZstdDecompressor()
+        self.fed = 0
+
+    def decompressobj(self) -> _CountingDecompressor._Frame:
+        return self._Frame(self, self.inner.decompressobj())
+
+    class _Frame:
+        def __init__(self, owner: _CountingDecompressor, frame: zstandard.ZstdDecompressionObj):
+            self.owner, self.frame = owner, frame
+
+        def decompress(self, data: memoryview) -> bytes:
+            self.owner.fed += len(data)
+            return self.frame.decompress(data)
+
+        @property
+        def eof(self) -> bool:
+            return self.frame.eof
+
+        @property
+        def unused_data(self) -> bytes:
+            return self.frame.unused_data
+
+
+def test_frame_walk_work_is_linear_in_the_number_of_frames() -> None:
+    """Many tiny frames (here 20,000 empty skippable ones) must not each be handed the
+    whole rest of the payload: that was quadratic, seconds for one 1 MiB frame."""
+    payload = b"\x50\x2a\x4d\x18" + bytes(4)
+    payload *= 20_000
+    counting = _CountingDecompressor()
+    assert _ends_on_frame_boundary(counting, payload)  # type: ignore[arg-type]
+    assert counting.fed <= 10 * len(payload)
+
+
 def test_concatenated_and_skippable_frames_are_accepted() -> None:
     receiver = ReplicationReceiver(zstd_negotiated=True)
     skippable = b"\x50\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"pad"

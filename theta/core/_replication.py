@@ -70,6 +70,7 @@ DEFAULT_MAX_REPLICATION_PAYLOAD = 1024 * 1024
 
 _U32_MAX = 2**32 - 1
 _MIN_WINDOW = 8 * 1024 * 1024
+_FRAME_CHECK_STEP = 128 * 1024  # largest slice the frame-boundary check feeds at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +181,23 @@ class ReplicationSender:
 def _ends_on_frame_boundary(decompressor: zstandard.ZstdDecompressor, data: bytes) -> bool:
     """Whether ``data`` is a sequence of whole zstd (or skippable) frames. Decodes frame by
     frame (in C: a walk over hostile block headers in Python cost 50x the decoding); call
-    it only once a bounded decoding has shown how much all of ``data`` produces."""
-    while data:
-        frame = decompressor.decompressobj()
-        frame.decompress(data)
-        if not frame.eof:
-            return False
-        data = frame.unused_data
+    it only once a bounded decoding has shown how much all of ``data`` produces. Each
+    frame is fed slices growing from 64 bytes, so that what it leaves over (a copy) stays
+    small: handing every frame the whole rest made a payload of many tiny frames cost
+    time quadratic in their number (seconds for one 1 MiB frame)."""
+    view, pos, size = memoryview(data), 0, len(data)
+    while pos < size:
+        frame, step = decompressor.decompressobj(), 64
+        while True:
+            piece = view[pos : pos + step]
+            frame.decompress(piece)
+            if frame.eof:
+                pos += len(piece) - len(frame.unused_data)
+                break
+            pos += len(piece)
+            if pos >= size:
+                return False
+            step = min(step * 2, _FRAME_CHECK_STEP)
     return True
 
 
