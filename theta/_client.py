@@ -53,13 +53,15 @@ async def connect(
     (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
     bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when nothing
     answered at that address, or the host said nothing listens there), or the
-    transport's error (e.g. the certificate was refused). Leaving
-    the block closes the session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block
-    raised) and stops all its tasks. ``port`` must be an ``int`` in 1..65535.
+    transport's error (e.g. the certificate was refused). Leaving the block closes the
+    session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block raised an exception,
+    which then comes out unchanged; ``GOING_AWAY`` if it was cancelled) and stops all its
+    tasks. ``port`` must be an ``int`` in 1..65535.
     """
     check_port(port, allow_zero=False)
     config = config or ClientConfig()
     deadline = trio.current_time() + config.handshake_timeout
+    failure: Exception | None = None  # the block's own, re-raised untouched below
     with single_error():
         try:
             quic = open_quic_connection(host, port, client_quic_config(config), deadline=deadline)
@@ -69,16 +71,16 @@ async def connect(
                     await nursery.start(session.run)
                     try:
                         yield session
-                    except BaseException as error:
-                        failed = isinstance(error, Exception) and not isinstance(
-                            error, trio.Cancelled
-                        )
-                        code = ErrorCode.INTERNAL_ERROR if failed else ErrorCode.GOING_AWAY
-                        await session.close(
-                            code, "client stopped" if not failed else "client error"
-                        )
+                    except Exception as error:
+                        # Kept out of the nurseries, which would wrap it in a group (and
+                        # unwrapping that would change it): re-raised as it came, below.
+                        await session.close(ErrorCode.INTERNAL_ERROR, "client error")
+                        failure = error
+                    except BaseException:  # cancelled, interrupted
+                        await session.close(ErrorCode.GOING_AWAY, "client stopped")
                         raise
-                    await session.close()
+                    else:
+                        await session.close()
         except NameResolutionTimeout:
             raise ServerUnreachable(
                 f"resolving {host!r} did not complete within {config.handshake_timeout:g} s"
@@ -94,6 +96,8 @@ async def connect(
             raise ServerUnreachable(
                 f"nothing listens at {host}:{port} (the network answered: unreachable)"
             ) from None
+    if failure is not None:
+        raise failure
 
 
 async def _establish(connection: QuicConnection, config: ClientConfig, deadline: float) -> Session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NoReturn
 
 import trio
 
@@ -30,10 +31,21 @@ def single_error() -> Iterator[None]:
         leaves = list(_leaves(group))
         errors = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
         if len(errors) == 1:
-            raise errors[0] from None
+            _raise_as_it_was(errors[0])
         if not errors:
-            raise leaves[0] from None
+            _raise_as_it_was(leaves[0])
         raise
+
+
+def _raise_as_it_was(error: BaseException) -> NoReturn:
+    """Raise ``error`` out of the group that held it, keeping its own cause and context
+    (raising it here would make the group its context)."""
+    cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+    try:
+        raise error
+    finally:
+        error.__cause__, error.__context__ = cause, context
+        error.__suppress_context__ = suppress
 
 
 def only_session_closed(error: BaseException) -> bool:

@@ -298,6 +298,33 @@ async def cancellable_server(
         yield server, server_scope
 
 
+async def test_the_blocks_own_exception_comes_out_of_connect_unchanged(
+    nursery: trio.Nursery,
+) -> None:
+    ends = SessionEnds()
+    server = await start_server(nursery, ends.handler)
+    cause = KeyError("root cause")
+
+    async def fail_with_a_cause() -> None:
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            try:
+                raise cause
+            except KeyError as error:
+                raise ValueError("wrapped") from error
+
+    with trio.fail_after(5), pytest.raises(ValueError, match="wrapped") as raised:
+        await fail_with_a_cause()
+    assert raised.value.__cause__ is cause
+    mine = ExceptionGroup("mine", [ValueError("one")])
+    with trio.fail_after(5), pytest.raises(ExceptionGroup) as grouped:
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            raise mine
+    assert grouped.value is mine
+    with trio.fail_after(5):
+        closed = await ends.wait(2)
+    assert [(c.code, c.reason) for c in closed] == [(ErrorCode.INTERNAL_ERROR, "client error")] * 2
+
+
 async def test_cancelling_the_client_says_going_away(nursery: trio.Nursery) -> None:
     ends = SessionEnds()
     server = await start_server(nursery, ends.handler)
@@ -494,3 +521,21 @@ async def test_handshake_setup_failure_closes_with_internal_error(
             pytest.fail("the session must not be established")
     assert info.value.code is ErrorCode.INTERNAL_ERROR  # not the QUIC layer's code 0x1
     assert any("handshake with" in record.message for record in caplog.records)
+
+
+async def test_an_error_unwrapped_from_a_nursery_keeps_its_cause_and_context() -> None:
+    from theta._groups import single_error
+
+    cause, context = KeyError("cause"), LookupError("context")
+
+    async def fail() -> None:
+        try:
+            raise context
+        except LookupError:
+            raise ValueError("inner") from cause
+
+    with pytest.raises(ValueError, match="inner") as raised, single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fail)
+    assert raised.value.__cause__ is cause
+    assert raised.value.__context__ is context
