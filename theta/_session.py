@@ -104,6 +104,7 @@ class Session:
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
         self._closing: trio.Event | None = None  # set once this side's close() is done
+        self._sends: set[trio.CancelScope] = set()  # the application's sends under way
         self._progress = trio.Event()  # set when received data moves after the close
         self._has_handler = False  # a server's handler runs in run(): see _peer_closed
         # The heartbeat sender sleeps in this scope until its timer; the reader moves the
@@ -209,7 +210,8 @@ class Session:
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session: ``SessionClose{code, reason}`` to the peer, FIN on every
-        stream, then the QUIC close with the same code. With ``NO_ERROR``, what the
+        stream, then the QUIC close with the same code. Sends under way in other tasks
+        stop between frames and raise :class:`SessionClosed`. With ``NO_ERROR``, what the
         application sent on the replication and assets channels is acknowledged by the
         peer before the QUIC close, however long that takes while acknowledgements keep
         coming (a slow reader on the other side gets everything), within the idle timeout;
@@ -234,6 +236,8 @@ class Session:
         if self._closed is None:
             self._closing = closing = trio.Event()
             self._record_close(code, reason, by_peer=False)
+            for send in self._sends:  # they stop between frames and raise SessionClosed
+                send.cancel()
             try:
                 with trio.CancelScope(shield=True):
                     try:
@@ -417,10 +421,15 @@ class Session:
             raise self._closed
 
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a user-facing send: connection errors become the session's SessionClosed."""
+        """Run a user-facing send: connection errors become the session's SessionClosed,
+        and so does this side's close(), which stops the send (between frames: what was
+        sent is delivered, then the channel's end) rather than wait for it."""
         self._check_open()
+        send = trio.CancelScope()
+        self._sends.add(send)
         try:
-            return await operation()
+            with send:
+                return await operation()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             if isinstance(error, ConnectionClosedByPeer) and self._closed is None:
                 # The session's tasks see the peer's close too and end the session as
@@ -432,6 +441,10 @@ class Session:
             elif not isinstance(error, SessionClosed):
                 self._connection_lost(error)
             self._raise_closed()
+        finally:
+            self._sends.discard(send)
+        assert self._closed is not None  # close() stopped it
+        raise self._closed
 
     # -- tasks -------------------------------------------------------------------------
 

@@ -354,6 +354,59 @@ async def test_a_second_close_waits_for_the_first_to_deliver(
     assert seen.code == ErrorCode.NO_ERROR
 
 
+async def test_close_stops_a_blocked_send_and_still_ends_every_channel(
+    nursery: trio.Nursery, short_close_grace: float
+) -> None:
+    """A send waits for flow control when another task closes the session: the send stops
+    between frames with SessionClosed, what it had written is delivered, and both
+    channels end cleanly for the peer (the blocked send used to hold the channel past
+    the close's grace, so neither channel got its end of stream)."""
+    outcome: dict[str, object] = {}
+    received: list[int] = []
+    done = trio.Event()
+
+    async def slow_reader(session: Session) -> None:
+        await session.wait_closed()  # the client's SessionClose: start reading now
+        for name, channel in (("replication", session.replication), ("assets", session.assets)):
+            try:
+                async for message in channel:
+                    if isinstance(message, ReplicationMessage):
+                        received.append(message.tick)
+                        await trio.sleep(0.0005)  # a slow consumer
+                outcome[name] = "ended"
+            except SessionClosed as error:
+                outcome[name] = error
+        done.set()
+
+    server = await start_server(nursery, slow_reader)
+    batch = [(tick, bytes(2000)) for tick in range(3000)]
+    with trio.fail_after(20):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(capabilities=())
+        ) as session:
+
+            async def sender() -> None:
+                try:
+                    await session.replication.send_many(batch)
+                    outcome["send_many"] = "returned"
+                except SessionClosed as error:
+                    outcome["send_many"] = error
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(sender)
+                stream = session.replication._framed.stream
+                while not stream._writable.statistics().tasks_waiting:  # blocked sender
+                    await trio.testing.wait_all_tasks_blocked()
+                await session.close()
+        await done.wait()
+    assert (outcome["replication"], outcome["assets"]) == ("ended", "ended"), outcome
+    stopped = outcome["send_many"]
+    assert isinstance(stopped, SessionClosed), outcome
+    assert (stopped.code, stopped.by_peer) == (ErrorCode.NO_ERROR, False)
+    assert 0 < len(received) < 3000
+    assert received == list(range(len(received)))
+
+
 async def test_the_receiver_of_a_close_raises_credit_in_small_steps(
     nursery: trio.Nursery,
 ) -> None:
