@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING
 
+import trio
+
 from theta._channel import DataChannel, ReceiveIterator
 from theta._framed import FramedStream
 from theta.core import (
@@ -53,6 +55,7 @@ class AssetChannel(DataChannel[AssetProgress]):
         )
         self._partial: dict[int, bytearray] = {}
         self._next_id = 1
+        self._unfinished: set[int] = set()  # assets with some chunks written, not all
 
     def _max_chunk_data(self, name: str) -> int:
         return min(self._chunk_size, max_chunk_data_for(self._frame_limit, name))
@@ -73,8 +76,12 @@ class AssetChannel(DataChannel[AssetProgress]):
         Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
         client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
         :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a
-        raising ``progress`` callback) is left unfinished: the protocol has no way to
-        abandon one, so the peer holds its chunks until the session ends.
+        raising ``progress`` callback before the last chunk) is left unfinished: the
+        protocol has no way to abandon one, so the peer holds its chunks until the session
+        ends, and this side's direction can then only end with the session (no FIN inside
+        an asset: :meth:`finish` raises, a graceful close leaves the stream to the QUIC
+        close). ``progress`` is called after each chunk is written; once the last one is,
+        the asset is complete whatever the callback does.
         """
         self._check_may_send()
         if not isinstance(name, str):
@@ -111,6 +118,10 @@ class AssetChannel(DataChannel[AssetProgress]):
     ) -> None:
         for chunk in chunks:
             await self._send(chunk)
+            if chunk.offset + len(chunk.data) == chunk.total_size:
+                self._unfinished.discard(chunk.asset_id)
+            elif chunk.offset == 0:
+                self._unfinished.add(chunk.asset_id)  # until its last chunk is written
             if progress is not None:
                 progress(chunk.offset + len(chunk.data), total)
 
@@ -139,9 +150,21 @@ class AssetChannel(DataChannel[AssetProgress]):
         return await self._next()
 
     async def finish(self) -> None:
-        """End this side's direction (FIN): no more assets follow. Call it only when no
-        asset is half sent, or the peer rejects the stream (``MALFORMED_FRAME``)."""
+        """End this side's direction (FIN): no more assets follow. Raises
+        ``trio.BrokenResourceError`` if the send of an asset stopped part-way: the
+        protocol cannot end the stream inside an asset (the peer would reject it with
+        ``MALFORMED_FRAME``), so only closing the session ends this direction then."""
+        if self._unfinished:
+            raise trio.BrokenResourceError(self._left_unfinished())
         await super().finish()
+
+    async def _finish_quietly(self) -> None:
+        if not self._unfinished:  # else the QUIC close ends the stream: the asset is lost
+            await super()._finish_quietly()
+
+    def _left_unfinished(self) -> str:
+        ids = ", ".join(map(str, sorted(self._unfinished)[:8]))
+        return f"cannot end the assets channel inside an asset: {ids} not completely sent"
 
     def _accept(self, message: Message) -> AssetProgress:
         assert isinstance(message, AssetChunk)  # the decoder checked the type

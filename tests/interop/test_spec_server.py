@@ -7,10 +7,11 @@ nothing from theta and runs on its own asyncio loop in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -228,6 +229,47 @@ async def test_asset_round_trip() -> None:
     assert record.deviation_text() == []
     assert [(name, data) for _, name, data in record.assets_received] == assets
     assert [(a.name, a.data) for a in received] == assets
+
+
+class _Stop(Exception):
+    pass
+
+
+async def test_an_asset_left_half_sent_gets_no_end_of_stream() -> None:
+    """Spec 4.5: a FIN inside an asset is MALFORMED_FRAME. After a send stopped part-way,
+    finish() refuses and a graceful close leaves the stream to the QUIC close; an asset
+    whose send failed before its first chunk leaves the channel free to end."""
+
+    def stop_after_a_chunk(sent: int, total: int) -> None:
+        raise _Stop
+
+    async with spec_server(behaviour(echo=False)) as server:
+        with trio.fail_after(STEP):
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                with pytest.raises(_Stop):
+                    await session.assets.send("big", bytes(200_000), progress=stop_after_a_chunk)
+                with pytest.raises(trio.BrokenResourceError, match="inside an asset: 1 not"):
+                    await session.assets.finish()
+                assert session.closed is None  # the application's mistake, not the session's
+        record = await record_of(server)
+    assert record.deviation_text() == []
+
+
+async def test_an_asset_refused_before_its_first_chunk_leaves_the_channel_free() -> None:
+    async def too_long() -> AsyncGenerator[bytes]:
+        yield b"four"
+
+    async with spec_server(behaviour(echo=False)) as server:
+        with trio.fail_after(STEP):
+            async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+                async with contextlib.aclosing(too_long()) as pieces:
+                    with pytest.raises(ValueError, match="exceed"):
+                        await session.assets.send("short", pieces, total_size=3)
+                await session.assets.send("whole", b"abc")
+                await session.assets.finish()
+        record = await record_of(server)
+    assert record.deviation_text() == []
+    assert [(name, data) for _, name, data in record.assets_received] == [("whole", b"abc")]
 
 
 async def test_heartbeats_both_ways_and_rtt() -> None:
