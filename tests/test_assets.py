@@ -158,7 +158,7 @@ def test_single_chunk_and_multi_chunk_progress() -> None:
     assert assembler.receive(AssetChunk(2, 0, 4, "two", b"ab")) == AssetProgress(
         2, "two", 0, 4, b"ab", first=True, complete=False
     )
-    assert (assembler.unfinished, assembler.unfinished_bytes) == (1, 4)
+    assert (assembler.unfinished, assembler.unfinished_bytes) == (1, 4 + len("two"))
     assert assembler.receive(AssetChunk(2, 2, 4, "", b"cd")) == AssetProgress(
         2, "two", 2, 4, b"cd", first=False, complete=True
     )
@@ -286,10 +286,10 @@ def test_unfinished_asset_count_is_bounded() -> None:
     assembler.receive(AssetChunk(4, 0, 2, "n", b"a"))  # a slot is free again
 
 
-def test_collector_buffer_budget_counts_declared_sizes() -> None:
-    collector = AssetCollector(max_asset_size=100, max_buffered_bytes=150)
+def test_collector_buffer_budget_counts_declared_sizes_and_names() -> None:
+    collector = AssetCollector(max_asset_size=100, max_buffered_bytes=152)
     assert collector.receive(AssetChunk(1, 0, 100, "n", b"a")) is None
-    assert collector.assembler.unfinished_bytes == 100
+    assert collector.assembler.unfinished_bytes == 101
     assert collector.buffered == 1
     with pytest.raises(ProtocolError, match="budget") as caught:
         collector.receive(AssetChunk(2, 0, 51, "n", b"a"))
@@ -300,7 +300,9 @@ def test_collector_buffer_budget_counts_declared_sizes() -> None:
     assert collector.receive(AssetChunk(1, 1, 100, "", bytes(99))) == Asset(
         1, "n", b"a" + bytes(99)
     )
-    assert (collector.buffered, collector.assembler.unfinished_bytes) == (1, 50)
+    assert (collector.buffered, collector.assembler.unfinished_bytes) == (1, 51)
+    with pytest.raises(ProtocolError, match="budget"):  # a long name counts too
+        collector.receive(AssetChunk(4, 0, 1, "n" * 101, b""))
 
 
 def test_bad_limits() -> None:

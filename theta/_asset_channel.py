@@ -35,8 +35,9 @@ class AssetChannel(DataChannel[AssetProgress]):
     """Send assets and receive them whole (:meth:`receive`) or chunk by chunk
     (:meth:`receive_chunk`, for assets too large to hold) — use one style per session.
 
-    Received chunks wait in a bounded queue; while it is full the session stops reading the
-    stream and QUIC flow control slows the peer down.
+    Received chunks wait in a queue bounded in chunks and bytes (``receive_queue``,
+    ``receive_queue_bytes``); while it is full the session stops reading the stream and
+    QUIC flow control slows the peer down.
     """
 
     _permission = Role.UPLOAD_ASSETS
@@ -46,7 +47,7 @@ class AssetChannel(DataChannel[AssetProgress]):
     def __init__(
         self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
     ) -> None:
-        super().__init__(session, framed, config.receive_queue)
+        super().__init__(session, framed, config.receive_queue, config.receive_queue_bytes)
         self._chunk_size = config.asset_chunk_size
         self._frame_limit = config.frame_limits.assets
         self._assembler = AssetAssembler(
@@ -165,6 +166,9 @@ class AssetChannel(DataChannel[AssetProgress]):
     def _left_unfinished(self) -> str:
         ids = ", ".join(map(str, sorted(self._unfinished)[:8]))
         return f"cannot end the assets channel inside an asset: {ids} not completely sent"
+
+    def _size(self, item: AssetProgress) -> int:
+        return len(item.data) + (len(item.name) if item.first else 0)
 
     def _accept(self, message: Message) -> AssetProgress:
         assert isinstance(message, AssetChunk)  # the decoder checked the type

@@ -51,8 +51,8 @@ class ReceiveIterator(Generic[U]):
 
 class DataChannel(abc.ABC, Generic[T]):
     """A data channel of a session: frames out through the stream, received items in
-    through a bounded inbox (while it is full the reader stops reading and QUIC flow
-    control slows the peer down).
+    through an inbox bounded in items and in bytes (while it is full the reader stops
+    reading and QUIC flow control slows the peer down).
 
     Subclasses say which role bit permits sending (:attr:`_permission`) and turn each
     received message into an item (:meth:`_accept`).
@@ -62,10 +62,17 @@ class DataChannel(abc.ABC, Generic[T]):
     _action: str
     _name: str
 
-    def __init__(self, session: Session, framed: FramedStream, queue_size: int) -> None:
+    def __init__(
+        self, session: Session, framed: FramedStream, queue_size: int, queue_bytes: int
+    ) -> None:
         self._session = session
         self._framed = framed
         self._inbox_send, self._inbox = trio.open_memory_channel[T](queue_size)
+        # The count alone would let a peer park queue_size decompressed 1 MiB payloads
+        # here for a few KiB of zstd on the wire.
+        self._inbox_bytes = 0
+        self._inbox_bytes_limit = queue_bytes
+        self._inbox_room = trio.lowlevel.ParkingLot()
         self._drained = trio.Event()
         """Set once the peer's direction ended (or the reader stopped)."""
         self._end_received = False  # the peer's FIN, on a frame boundary
@@ -96,6 +103,8 @@ class DataChannel(abc.ABC, Generic[T]):
     async def _next(self) -> T:
         try:
             item = await self._inbox.receive()
+            self._inbox_bytes -= self._size(item)
+            self._inbox_room.unpark_all()
         except trio.EndOfChannel:
             closed = self._session.closed
             if closed is None:
@@ -126,6 +135,10 @@ class DataChannel(abc.ABC, Generic[T]):
         self._inbox_send.close()
 
     @abc.abstractmethod
+    def _size(self, item: T) -> int:
+        """Bytes of ``item`` counted against ``receive_queue_bytes``."""
+
+    @abc.abstractmethod
     def _accept(self, message: Message) -> T:
         """Turn a received message into the item handed to the application (may raise
         :class:`~theta.core.ProtocolError`)."""
@@ -150,7 +163,12 @@ class DataChannel(abc.ABC, Generic[T]):
                 return
             if not self._session.is_client and not self._session.role & self._permission:
                 raise PermissionDenied(f"this client's role does not allow it to {self._action}")
-            await self._inbox_send.send(self._accept(message))
+            item = self._accept(message)
+            size = self._size(item)
+            while self._inbox_bytes and self._inbox_bytes + size > self._inbox_bytes_limit:
+                await self._inbox_room.park()
+            self._inbox_bytes += size
+            await self._inbox_send.send(item)
             if self._session.closed is not None:
                 self._session._application_progress()
 

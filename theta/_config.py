@@ -127,11 +127,16 @@ class _SessionConfig:
     """Data bytes per ``AssetChunk`` sent (capped so each frame fits the peer's default
     assets limit)."""
     max_buffered_asset_bytes: int = 256 * 1024 * 1024
-    """Declared size of all unfinished incoming assets at once (``FRAME_TOO_LARGE``
-    beyond): bounds what :meth:`AssetChannel.receive` holds in memory."""
+    """Declared size of all unfinished incoming assets at once, their names' lengths
+    included (``FRAME_TOO_LARGE`` beyond): bounds what :meth:`AssetChannel.receive` holds
+    in memory."""
     receive_queue: int = 64
     """Replication messages and asset events buffered for the application before the
     session stops reading (QUIC flow control then slows the peer)."""
+    receive_queue_bytes: int = 2 * 1024 * 1024
+    """Bytes of replication payloads (decompressed) and of asset data buffered per channel
+    for the application before the session stops reading, whichever of the two limits
+    comes first; a message larger than this is still taken, alone."""
     idle_timeout: float = 30.0
     """QUIC idle timeout, seconds."""
     max_datagram_size: int = 1200
@@ -177,6 +182,7 @@ class _SessionConfig:
         _check_int("asset_chunk_size", self.asset_chunk_size, 1, 1024 * 1024)
         _check_int("max_buffered_asset_bytes", self.max_buffered_asset_bytes, 0)
         _check_int("receive_queue", self.receive_queue, 1)
+        _check_int("receive_queue_bytes", self.receive_queue_bytes, 1)
         _check_seconds("idle_timeout", self.idle_timeout)
         object.__setattr__(self, "idle_timeout", float(self.idle_timeout))
         _check_int("max_datagram_size", self.max_datagram_size)

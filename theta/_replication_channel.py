@@ -30,10 +30,11 @@ _FRAME_OVERHEAD = len(encode_frame(ReplicationMessage(2**64 - 1, 2**32 - 1, b"",
 class ReplicationChannel(DataChannel[ReplicationMessage]):
     """Send and receive replication messages (application state deltas).
 
-    Received messages wait in a bounded queue (``receive_queue``); while it is full the
-    session stops reading the stream and QUIC flow control slows the peer down. With
-    ``CAP_ZSTD`` negotiated, payloads are compressed when that makes them smaller and
-    always handed to the application decompressed.
+    Received messages wait in a queue bounded in messages and bytes (``receive_queue``,
+    ``receive_queue_bytes``); while it is full the session stops reading the stream and
+    QUIC flow control slows the peer down. With ``CAP_ZSTD`` negotiated, payloads are
+    compressed when that makes them smaller and always handed to the application
+    decompressed.
     """
 
     _permission = Role.REPLICATE
@@ -43,7 +44,7 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
     def __init__(
         self, session: Session, framed: FramedStream, config: ClientConfig | ServerConfig
     ) -> None:
-        super().__init__(session, framed, config.receive_queue)
+        super().__init__(session, framed, config.receive_queue, config.receive_queue_bytes)
         zstd = CAP_ZSTD in session.negotiated_capabilities
         self._sender = ReplicationSender(
             zstd_negotiated=zstd, max_payload=config.frame_limits.replication - _FRAME_OVERHEAD
@@ -93,6 +94,9 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
     def __aiter__(self) -> ReceiveIterator[ReplicationMessage]:
         """``async for message in session.replication``: see :class:`ReceiveIterator`."""
         return ReceiveIterator(self.receive, self)
+
+    def _size(self, item: ReplicationMessage) -> int:
+        return len(item.payload)
 
     def _accept(self, message: Message) -> ReplicationMessage:
         assert isinstance(message, ReplicationMessage)  # the decoder checked the type

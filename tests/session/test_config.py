@@ -49,6 +49,7 @@ _BOTH_REFUSE: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"receive_queue": 0}, ValueError, "receive_queue must be at least 1"),
     ({"receive_queue": 1.5}, TypeError, "receive_queue must be an int"),
     ({"receive_queue": True}, TypeError, "receive_queue must be an int"),
+    ({"receive_queue_bytes": 0}, ValueError, "receive_queue_bytes must be at least 1"),
     ({"idle_timeout": -1}, ValueError, "idle_timeout must be positive"),
     ({"idle_timeout": 0}, ValueError, "idle_timeout must be positive"),
     ({"idle_timeout": float("inf")}, ValueError, "idle_timeout must be finite"),
@@ -140,6 +141,7 @@ def test_limits_are_inclusive() -> None:
         max_asset_size=0,
         max_buffered_asset_bytes=0,
         receive_queue=1,
+        receive_queue_bytes=1,
         max_datagram_size=65527,
     )
     assert client.capabilities == tuple(range(64))

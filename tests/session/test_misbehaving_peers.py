@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
+import zstandard
 
 from theta import ErrorCode, Session, SessionClosed
 from theta._quic import (
@@ -18,6 +21,7 @@ from theta._quic import (
     open_quic_connection,
 )
 from theta.core import (
+    CAP_ZSTD,
     Channel,
     ChannelOpen,
     ClientHandshake,
@@ -44,10 +48,12 @@ async def send(stream: QuicStream, *messages: Message) -> None:
     await stream.send_all(b"".join(encode_frame(m) for m in messages))
 
 
-async def handshake(connection: QuicConnection, *, confirm: bool = True) -> QuicStream:
+async def handshake(
+    connection: QuicConnection, *, confirm: bool = True, capabilities: tuple[int, ...] = ()
+) -> QuicStream:
     """Run the client handshake by hand on a new control stream (without the confirm if
     not ``confirm``); return the stream."""
-    machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=())
+    machine = ClientHandshake(schema_hash=schema_hash({}), capabilities=capabilities)
     control = await connection.open_stream()
     await send(control, machine.start(trio.current_time()))
     decoder = FrameDecoder(Channel.CONTROL)
@@ -59,10 +65,12 @@ async def handshake(connection: QuicConnection, *, confirm: bool = True) -> Quic
     return control
 
 
-async def establish(connection: QuicConnection) -> tuple[QuicStream, QuicStream]:
+async def establish(
+    connection: QuicConnection, *, capabilities: tuple[int, ...] = ()
+) -> tuple[QuicStream, QuicStream]:
     """Handshake by hand, then open the replication and assets channels (in that order);
     return the control and replication streams."""
-    control = await handshake(connection)
+    control = await handshake(connection, capabilities=capabilities)
     replication = await connection.open_stream()
     await send(replication, ChannelOpen(Channel.REPLICATION))
     await send(await connection.open_stream(), ChannelOpen(Channel.ASSETS))
@@ -304,6 +312,42 @@ async def test_peers_quic_transport_error_is_reported_in_theta_terms(
             (closed,) = await ends.wait()
     assert (closed.code, closed.by_peer) == (ErrorCode.PROTOCOL_VIOLATION, True)
     assert closed.reason == "QUIC transport error 0xa: quic stack gave up"
+
+
+async def test_zstd_payloads_waiting_for_the_application_are_bounded_in_bytes(
+    nursery: trio.Nursery,
+) -> None:
+    """66 frames of 132 bytes, each inflating to almost 1 MiB: the inbox's count (64)
+    alone let 64 MiB wait for a busy handler, for 9 KB on the wire."""
+    read_now = trio.Event()
+    ticks: list[int] = []
+
+    async def busy_then_reading(session: Session) -> None:
+        await read_now.wait()
+        ticks.extend([(await session.replication.receive()).tick for _ in range(66)])
+
+    server = await start_server(nursery, busy_then_reading)
+    size = (1 << 20) - 128
+    compressed = zstandard.ZstdCompressor().compress(bytes(size))
+    frames = b"".join(
+        encode_frame(ReplicationMessage(tick, 1, compressed, size)) for tick in range(66)
+    )
+    assert len(frames) < 10_000
+    async with raw_connection(server.port) as connection:
+        _, replication = await establish(connection, capabilities=(CAP_ZSTD,))
+        tracemalloc.start()
+        try:
+            await replication.send_all(frames)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the server stopped
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        read_now.set()
+        with trio.fail_after(10):
+            while len(ticks) < 66:
+                await trio.testing.wait_all_tasks_blocked()
+    assert held < 8 << 20, f"{held >> 20} MiB held"
+    assert ticks == list(range(66))  # nothing lost: the reader only waited
 
 
 async def test_session_hello_on_a_later_stream(nursery: trio.Nursery) -> None:

@@ -9,9 +9,9 @@ at 0; the first chunk carries the asset's ``name``; the asset is complete when
 
 Receiving
     One :class:`AssetAssembler` per direction of an assets stream validates every chunk and
-    returns an :class:`AssetProgress`. It keeps only a few integers per unfinished asset and
-    never buffers data, so a session can stream a large asset to wherever it goes. The checks,
-    in this order (the first failing one decides the error)::
+    returns an :class:`AssetProgress`. It keeps only a few integers and the name per
+    unfinished asset and never buffers data, so a session can stream a large asset to
+    wherever it goes. The checks, in this order (the first failing one decides the error)::
 
         unknown asset_id, offset != 0            MALFORMED_FRAME
         unknown asset_id, empty name             MALFORMED_FRAME
@@ -20,7 +20,8 @@ Receiving
         total_size > max_asset_size              FRAME_TOO_LARGE
         offset + len(data) > total_size          MALFORMED_FRAME
         a new unfinished asset beyond max_unfinished_assets, or beyond
-        max_unfinished_bytes of declared sizes   FRAME_TOO_LARGE
+        max_unfinished_bytes of declared sizes
+        and name lengths                         FRAME_TOO_LARGE
 
     The last two are this receiver's resource limits (the spec names no code for them; we
     use the code of its other size limit). A rejected chunk leaves the assembler unchanged.
@@ -30,8 +31,9 @@ Receiving
 
     :class:`AssetCollector` wraps an assembler for callers that want whole assets as
     ``bytes``. Its memory is bounded by ``max_buffered_bytes``, which it enforces through the
-    assembler's ``max_unfinished_bytes``: the declared sizes of all unfinished assets, checked
-    on each asset's first chunk, before any of its data is kept.
+    assembler's ``max_unfinished_bytes``: the declared sizes of all unfinished assets (and
+    their names' lengths, which the assembler keeps), checked on each asset's first chunk,
+    before any of its data is kept.
 
 Sending
     :func:`chunk_asset` splits bytes already in memory; :class:`AssetSender` does the same for
@@ -236,7 +238,8 @@ class AssetAssembler:
     """Validates the chunks of one direction of an assets stream (see the module docstring).
 
     ``max_unfinished_bytes`` (``None``: no limit) bounds the sum of the declared
-    ``total_size`` of unfinished assets, for callers that buffer them.
+    ``total_size`` of unfinished assets and of the lengths of their names (kept until
+    they complete), for callers that buffer them.
     """
 
     def __init__(
@@ -264,7 +267,8 @@ class AssetAssembler:
 
     @property
     def unfinished_bytes(self) -> int:
-        """Sum of the declared ``total_size`` of the unfinished assets."""
+        """Sum of the declared ``total_size`` of the unfinished assets and of their names'
+        lengths."""
         return self._unfinished_bytes
 
     def receive(self, chunk: AssetChunk) -> AssetProgress:
@@ -299,25 +303,26 @@ class AssetAssembler:
             raise MalformedFrame(f"asset {aid}: data runs to {end}, past total_size {total}")
         complete = end == total
         if state is None and not complete:
-            self._check_room(aid, total)
+            cost = total + len(name)  # a name can be most of a frame: count what is kept
+            self._check_room(aid, cost)
             self._unfinished[aid] = _Unfinished(name, total, end)
-            self._unfinished_bytes += total
+            self._unfinished_bytes += cost
         elif state is not None and complete:
             del self._unfinished[aid]
-            self._unfinished_bytes -= total
+            self._unfinished_bytes -= total + len(name)
         elif state is not None:
             state.next_offset = end
         return AssetProgress(aid, name, offset, total, chunk.data, state is None, complete)
 
-    def _check_room(self, aid: int, total: int) -> None:
+    def _check_room(self, aid: int, cost: int) -> None:
         if len(self._unfinished) >= self.max_unfinished_assets:
             raise FrameTooLarge(
                 f"asset {aid}: more than {self.max_unfinished_assets} unfinished assets"
             )
         limit = self.max_unfinished_bytes
-        if limit is not None and self._unfinished_bytes + total > limit:
+        if limit is not None and self._unfinished_bytes + cost > limit:
             raise FrameTooLarge(
-                f"asset {aid}: {total} more bytes would exceed the {limit}-byte budget of"
+                f"asset {aid}: {cost} more bytes would exceed the {limit}-byte budget of"
                 f" unfinished assets ({self._unfinished_bytes} in use)"
             )
 
