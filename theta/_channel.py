@@ -121,7 +121,8 @@ class DataChannel(abc.ABC, Generic[T]):
     async def finish(self) -> None:
         """End this side's direction (FIN); the peer's direction stays open. Sending
         afterwards raises ``trio.ClosedResourceError`` (the session carries on);
-        calling it again does nothing."""
+        calling it again does nothing while the session is open. Raises
+        :class:`SessionClosed` once the session is over."""
         self._session._check_open()
         self._finished = True  # no new sends from now on, even if this wait is cancelled
         await self._session._guard(self._framed.send_eof)  # idempotent: a retry sends it

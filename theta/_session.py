@@ -315,7 +315,9 @@ class Session:
         )
 
     async def wait_closed(self) -> SessionClosed:
-        """Wait until the session has ended; return why."""
+        """Wait until the session's end is decided (this side's :meth:`close` began, the
+        peer's close arrived, or an error was found); return why. Data on its way may
+        still be delivered after that, and the session's tasks may still be stopping."""
         await self._closed_event.wait()
         assert self._closed is not None
         return self._closed
