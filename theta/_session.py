@@ -104,7 +104,6 @@ class Session:
         self._closed: SessionClosed | None = None
         self._closed_event = trio.Event()
         self._closing: trio.Event | None = None  # set once this side's close() is done
-        self._sends: set[trio.CancelScope] = set()  # the application's sends under way
         self._progress = trio.Event()  # set when received data moves after the close
         self._has_handler = False  # a server's handler runs in run(): see _peer_closed
         # The heartbeat sender sleeps in this scope until its timer; the reader moves the
@@ -236,8 +235,9 @@ class Session:
         if self._closed is None:
             self._closing = closing = trio.Event()
             self._record_close(code, reason, by_peer=False)
-            for send in self._sends:  # they stop between frames and raise SessionClosed
-                send.cancel()
+            for channel in (self.replication, self.assets):
+                # Sends under way stop before their next frame and raise SessionClosed.
+                channel._framed.stream.refuse_writes("the session is closing")
             try:
                 with trio.CancelScope(shield=True):
                     try:
@@ -424,14 +424,11 @@ class Session:
 
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a user-facing send: connection errors become the session's SessionClosed,
-        and so does this side's close(), which stops the send (between frames: what was
-        sent is delivered, then the channel's end) rather than wait for it."""
+        and so does this side's close(), which stops the send (before its next frame: what
+        was sent is delivered, then the channel's end) rather than wait for it."""
         self._check_open()
-        send = trio.CancelScope()
-        self._sends.add(send)
         try:
-            with send:
-                return await operation()
+            return await operation()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             if isinstance(error, ConnectionClosedByPeer) and self._closed is None:
                 # The session's tasks see the peer's close too and end the session as
@@ -443,10 +440,6 @@ class Session:
             elif not isinstance(error, SessionClosed):
                 self._connection_lost(error)
             self._raise_closed()
-        finally:
-            self._sends.discard(send)
-        assert self._closed is not None  # close() stopped it
-        raise self._closed
 
     # -- tasks -------------------------------------------------------------------------
 

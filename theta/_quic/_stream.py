@@ -61,6 +61,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._send_interrupted = False  # a send_all stopped with part of its data written
         self._send_partial = False  # a send_all is running with part of its data written
         self._sending = False
+        self._writes_refused: str | None = None  # see refuse_writes
         self._writable = trio.lowlevel.ParkingLot()
         self._high_water = connection.config.stream_send_high_water
         self.max_unacked_bytes = 0
@@ -91,6 +92,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
     async def _wait_writable(self) -> None:
         while True:
             self._check_send()
+            if self._writes_refused is not None:
+                raise trio.ClosedResourceError(self._writes_refused)
             if self.unacked_bytes() < self._high_water:
                 return
             self._connection._blocked_writers.add(self)
@@ -140,6 +143,13 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self.max_unacked_bytes = max(self.max_unacked_bytes, self.unacked_bytes())
         finally:
             self._sending = False
+
+    def refuse_writes(self, reason: str) -> None:
+        """From now on ``send_all`` and ``send_whole`` raise ``trio.ClosedResourceError``
+        (``reason``) before their next write, those waiting for the high-water mark
+        included; what was written stays, and :meth:`send_eof` still ends the stream."""
+        self._writes_refused = reason
+        self._writable.unpark_all()
 
     def request_flush(self) -> None:
         """Say that this stream's user has written all it will write in answer to what
