@@ -15,6 +15,7 @@ from theta.core import (
     ErrorCode,
     FrameDecoder,
     FrameLimits,
+    FrameTooLarge,
     LocalProtocolError,
     ProtocolError,
     encode_frame,
@@ -303,6 +304,16 @@ def test_collector_buffer_budget_counts_declared_sizes_and_names() -> None:
     assert (collector.buffered, collector.assembler.unfinished_bytes) == (1, 51)
     with pytest.raises(ProtocolError, match="budget"):  # a long name counts too
         collector.receive(AssetChunk(4, 0, 1, "n" * 101, b""))
+
+
+def test_name_budget_counts_utf8_bytes() -> None:
+    assembler = AssetAssembler(max_asset_size=1000, max_unfinished_bytes=100)
+    with pytest.raises(FrameTooLarge):
+        assembler.receive(AssetChunk(1, 0, 10, "\U0001f600" * 30, b"x"))  # 10 + 120 bytes
+    assembler.receive(AssetChunk(1, 0, 10, "\U0001f600" * 20, b"x"))  # 10 + 80
+    assert assembler.unfinished_bytes == 90
+    assembler.receive(AssetChunk(1, 1, 10, "", bytes(9)))
+    assert assembler.unfinished_bytes == 0
 
 
 def test_bad_limits() -> None:

@@ -118,11 +118,18 @@ class AssetChannel(DataChannel[AssetProgress]):
         self, chunks: Iterable[AssetChunk], total: int, progress: Progress | None
     ) -> None:
         for chunk in chunks:
-            await self._send(chunk)
-            if chunk.offset + len(chunk.data) == chunk.total_size:
+            last = chunk.offset + len(chunk.data) == chunk.total_size
+            opening = chunk.offset == 0 and not last
+            if opening:  # before the write: a finish() waiting for the channel must see it
+                self._unfinished.add(chunk.asset_id)
+            try:
+                await self._send(chunk)
+            except BaseException:
+                if opening:  # a failed send wrote nothing of the chunk
+                    self._unfinished.discard(chunk.asset_id)
+                raise
+            if last:
                 self._unfinished.discard(chunk.asset_id)
-            elif chunk.offset == 0:
-                self._unfinished.add(chunk.asset_id)  # until its last chunk is written
             if progress is not None:
                 progress(chunk.offset + len(chunk.data), total)
 
@@ -152,9 +159,11 @@ class AssetChannel(DataChannel[AssetProgress]):
 
     async def finish(self) -> None:
         """End this side's direction (FIN): no more assets follow. Raises
-        ``trio.BrokenResourceError`` if the send of an asset stopped part-way: the
-        protocol cannot end the stream inside an asset (the peer would reject it with
-        ``MALFORMED_FRAME``), so only closing the session ends this direction then."""
+        ``trio.BrokenResourceError`` while an asset is not completely sent (its send
+        stopped part-way, or is still under way in another task): the protocol cannot end
+        the stream inside an asset (the peer would reject it with ``MALFORMED_FRAME``);
+        after a send that stopped, only closing the session ends this direction."""
+        self._session._check_open()
         if self._unfinished:
             raise trio.BrokenResourceError(self._left_unfinished())
         await super().finish()
@@ -168,7 +177,7 @@ class AssetChannel(DataChannel[AssetProgress]):
         return f"cannot end the assets channel inside an asset: {ids} not completely sent"
 
     def _size(self, item: AssetProgress) -> int:
-        return len(item.data) + (len(item.name) if item.first else 0)
+        return len(item.data) + (len(item.name.encode()) if item.first else 0)
 
     def _accept(self, message: Message) -> AssetProgress:
         assert isinstance(message, AssetChunk)  # the decoder checked the type

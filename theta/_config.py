@@ -134,9 +134,9 @@ class _SessionConfig:
     """Replication messages and asset events buffered for the application before the
     session stops reading (QUIC flow control then slows the peer)."""
     receive_queue_bytes: int = 2 * 1024 * 1024
-    """Bytes of replication payloads (decompressed) and of asset data buffered per channel
-    for the application before the session stops reading, whichever of the two limits
-    comes first; a message larger than this is still taken, alone."""
+    """Bytes of replication payloads (decompressed) and of asset data and names buffered
+    per channel for the application before the session stops reading, whichever of the
+    two limits comes first; a message larger than this is still taken, alone."""
     idle_timeout: float = 30.0
     """QUIC idle timeout, seconds."""
     max_datagram_size: int = 1200

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -251,8 +252,30 @@ async def test_an_asset_left_half_sent_gets_no_end_of_stream() -> None:
                 with pytest.raises(trio.BrokenResourceError, match="inside an asset: 1 not"):
                     await session.assets.finish()
                 assert session.closed is None  # the application's mistake, not the session's
+                await session.close()
+                with pytest.raises(theta.SessionClosed):
+                    await session.assets.finish()
         record = await record_of(server)
     assert record.deviation_text() == []
+
+
+async def test_finish_waiting_behind_the_first_chunk_of_an_asset_sends_no_fin() -> None:
+    async with spec_server(behaviour(echo=False)) as server:
+        with trio.fail_after(STEP):
+            config = client_config(asset_chunk_size=1000)
+            async with theta.connect("127.0.0.1", server.port, config) as session:
+                lock = session.assets._framed._send_lock
+                await lock.acquire()  # as if another send of the channel were under way
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(session.assets.send, "a", bytes(3000))
+                    await trio.testing.wait_all_tasks_blocked()  # its first chunk waits
+                    with pytest.raises(trio.BrokenResourceError, match="inside an asset"):
+                        await session.assets.finish()
+                    lock.release()
+                await session.assets.finish()  # the asset is complete: now it may end
+        record = await record_of(server)
+    assert record.deviation_text() == []
+    assert [(name, len(data)) for _, name, data in record.assets_received] == [("a", 3000)]
 
 
 async def test_an_asset_refused_before_its_first_chunk_leaves_the_channel_free() -> None:

@@ -232,13 +232,14 @@ class _Unfinished:
     name: str
     total_size: int
     next_offset: int
+    cost: int  # counted against max_unfinished_bytes: total_size + the name's UTF-8 bytes
 
 
 class AssetAssembler:
     """Validates the chunks of one direction of an assets stream (see the module docstring).
 
     ``max_unfinished_bytes`` (``None``: no limit) bounds the sum of the declared
-    ``total_size`` of unfinished assets and of the lengths of their names (kept until
+    ``total_size`` of unfinished assets and of their names' UTF-8 lengths (kept until
     they complete), for callers that buffer them.
     """
 
@@ -268,7 +269,7 @@ class AssetAssembler:
     @property
     def unfinished_bytes(self) -> int:
         """Sum of the declared ``total_size`` of the unfinished assets and of their names'
-        lengths."""
+        UTF-8 lengths."""
         return self._unfinished_bytes
 
     def receive(self, chunk: AssetChunk) -> AssetProgress:
@@ -303,13 +304,13 @@ class AssetAssembler:
             raise MalformedFrame(f"asset {aid}: data runs to {end}, past total_size {total}")
         complete = end == total
         if state is None and not complete:
-            cost = total + len(name)  # a name can be most of a frame: count what is kept
+            cost = total + len(name.encode())  # a name can be most of a frame: count it
             self._check_room(aid, cost)
-            self._unfinished[aid] = _Unfinished(name, total, end)
+            self._unfinished[aid] = _Unfinished(name, total, end, cost)
             self._unfinished_bytes += cost
         elif state is not None and complete:
             del self._unfinished[aid]
-            self._unfinished_bytes -= total + len(name)
+            self._unfinished_bytes -= state.cost
         elif state is not None:
             state.next_offset = end
         return AssetProgress(aid, name, offset, total, chunk.data, state is None, complete)
