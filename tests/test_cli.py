@@ -130,6 +130,24 @@ def test_cert_for_an_ip_address_certifies_it_as_an_address(tmp_path: Path) -> No
     ]
 
 
+def test_cert_narrows_an_existing_key_file_and_leaves_no_half_pair(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    key.write_bytes(b"old")
+    key.chmod(0o644)
+    missing = tmp_path / "missing" / "c.pem"
+    result = theta("cert", "--name", "x", "--cert-out", str(missing), "--key-out", str(key))
+    assert result.returncode == 2, result.stderr
+    assert "cannot write --cert-out" in result.stderr
+    assert not key.exists()  # no key without its certificate
+    key.write_bytes(b"old")
+    key.chmod(0o644)
+    result = theta(
+        "cert", "--name", "x", "--cert-out", str(tmp_path / "c.pem"), "--key-out", str(key)
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -237,6 +255,26 @@ def test_demo_runs_and_prints_a_summary() -> None:
     assert "summary after" in result.stdout
     assert "client" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_local_problems_are_usage_errors_not_connection_errors(
+    certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        listen = ["--listen", f"127.0.0.1:{port}", "--cert", str(cert), "--key", str(key)]
+        result = theta("echo-server", *listen)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"theta echo-server: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    key_log = tmp_path / "missing" / "keys.log"
+    env = {**os.environ, "SSLKEYLOGFILE": str(key_log)}
+    result = theta("demo", "--duration", "1", env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write the TLS key log {key_log} (SSLKEYLOGFILE)" in result.stderr
 
 
 def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) -> None:

@@ -21,8 +21,10 @@ def _write(path: str, data: bytes, mode: int, option: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as file:
+            # An existing file keeps its mode through open(): narrow it before the
+            # key goes in, not after.
+            os.fchmod(file.fileno(), mode)
             file.write(data)
-        os.chmod(path, mode)
     except OSError as error:
         raise CommandFailed(f"cannot write {option} {path}: {error.strerror}", EXIT_USAGE) from None
 
@@ -45,8 +47,12 @@ def cert(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandFailed(f"invalid --name: {error}", EXIT_USAGE) from None
-    _write(args.cert_out, generated.certificate_pem, 0o644, "--cert-out")
     _write(args.key_out, generated.private_key_pem, 0o600, "--key-out")
+    try:
+        _write(args.cert_out, generated.certificate_pem, 0o644, "--cert-out")
+    except CommandFailed:
+        Path(args.key_out).unlink(missing_ok=True)  # no key without its certificate
+        raise
     print(
         f"wrote a self-signed certificate for {name} (+ {', '.join(_LOOPBACK)}, valid"
         f" {args.days} days) to {Path(args.cert_out)} and its key to {Path(args.key_out)}",

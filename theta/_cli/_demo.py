@@ -16,7 +16,7 @@ import sys
 import trio
 
 import theta
-from theta._cli._common import EXIT_FAILURE, EXIT_OK, run
+from theta._cli._common import EXIT_FAILURE, EXIT_OK, run, session_config
 from theta._cli._dashboard import Dashboard, Traffic, summary
 
 __all__ = ["demo"]
@@ -116,13 +116,17 @@ class _Demo:
 async def _run(args: argparse.Namespace) -> int:
     certificate = theta.generate_self_signed_certificate()
     demo = _Demo(args)
-    server_config = theta.ServerConfig(
-        certificate=certificate.certificate_pem,
-        private_key=certificate.private_key_pem,
-        manifest=MANIFEST,
+    server_config = session_config(
+        lambda: theta.ServerConfig(
+            certificate=certificate.certificate_pem,
+            private_key=certificate.private_key_pem,
+            manifest=MANIFEST,
+        )
     )
-    client_config = theta.ClientConfig(
-        ca_certs=certificate.certificate_pem, server_name="localhost", manifest=MANIFEST
+    client_config = session_config(
+        lambda: theta.ClientConfig(
+            ca_certs=certificate.certificate_pem, server_name="localhost", manifest=MANIFEST
+        )
     )
     async with trio.open_nursery() as nursery:
         server: theta.Server = await nursery.start(

@@ -86,6 +86,10 @@ def echo_server(args: argparse.Namespace) -> int:
                 )
             except ValueError as error:  # the TLS stack refused the certificate or key
                 raise CommandFailed(f"cannot use --cert/--key: {error}", EXIT_USAGE) from None
+            except OSError as error:  # the address is taken or not this host's
+                raise CommandFailed(
+                    f"cannot listen on {args.listen.text()}: {error.strerror}", EXIT_USAGE
+                ) from None
             print(f"listening on {args.listen.text(server.port)}", flush=True)
             logger.info(
                 "schema hash %#018x, capabilities %s",
