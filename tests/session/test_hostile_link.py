@@ -68,3 +68,25 @@ async def test_session_follows_a_client_whose_nat_rebinds(nursery: trio.Nursery)
     before, after = set(seen[:3]), set(seen[3:])
     assert len(before) == len(after) == 1
     assert before != after
+
+
+async def test_a_rebinding_also_moves_the_datagrams_still_on_their_way(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A datagram delayed on the link when the NAT rebinds leaves from the new port, like
+    the next one, and is counted once as forwarded."""
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as server:
+        await server.bind(("127.0.0.1", 0))
+        link = LinkConditioner(server.getsockname(), LinkConditionerConfig(delay=0.2))
+        await nursery.start(link.run)
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as client:
+            await client.sendto(b"one", link.address)
+            await trio.sleep(0.05)
+            link.rebind()
+            await client.sendto(b"two", link.address)
+            with trio.fail_after(5):
+                received = [await server.recvfrom(100) for _ in range(2)]
+    assert [data for data, _ in received] == [b"one", b"two"]
+    assert received[0][1] == received[1][1]  # one new mapping
+    stats = link.stats["to_server"]
+    assert (stats.received, stats.forwarded, stats.dropped) == (2, 2, 0)

@@ -129,7 +129,9 @@ class LinkConditioner:
         }
         self._listener = trio.socket.socket(self.family, socket.SOCK_DGRAM)
         self._upstreams: dict[Address, trio.socket.SocketType] = {}
-        self._queue: list[tuple[float, int, bytes, trio.socket.SocketType, Address]] = []
+        # (when, order, data, client, destination): to the server (client set) through the
+        # client's upstream socket as of delivery, to a client (None) through the listener.
+        self._queue: list[tuple[float, int, bytes, Address | None, Address]] = []
         self._sequence = 0
         self._queue_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -158,8 +160,9 @@ class LinkConditioner:
 
     def rebind(self) -> None:
         """Act like a NAT that forgot its mappings: each client's next datagram to the
-        server leaves from a new port, and what the server sends to the old ports is
-        lost. For testing how a server follows a client whose address changed."""
+        server (already queued ones included) leaves from a new port, and what the server
+        sends to the old ports is lost. For testing how a server follows a client whose
+        address changed."""
         for upstream in self._upstreams.values():
             upstream.close()
         self._upstreams.clear()
@@ -181,12 +184,10 @@ class LinkConditioner:
             for upstream in self._upstreams.values():
                 upstream.close()
 
-    def _enqueue(
-        self, direction: str, data: bytes, sock: trio.socket.SocketType, dest: Address
-    ) -> None:
+    def _enqueue(self, direction: str, data: bytes, client: Address | None, dest: Address) -> None:
         for when in self._directions[direction].schedule(trio.current_time()):
             self._sequence += 1
-            heapq.heappush(self._queue, (when, self._sequence, data, sock, dest))
+            heapq.heappush(self._queue, (when, self._sequence, data, client, dest))
         self._queue_changed.set()
 
     def _dropped_by_filter(self, direction: str, data: bytes) -> bool:
@@ -199,34 +200,41 @@ class LinkConditioner:
         return False
 
     async def _client_side_loop(self) -> None:
-        assert self._nursery is not None
         while True:
             data, client = await self._listener.recvfrom(65536)
-            upstream = self._upstreams.get(client)
-            if upstream is None:
-                upstream = trio.socket.socket(self.family, socket.SOCK_DGRAM)
-                await upstream.bind(("::1" if self.family == socket.AF_INET6 else "127.0.0.1", 0))
-                self._upstreams[client] = upstream
-                self._nursery.start_soon(self._server_side_loop, upstream, client)
             if not self._dropped_by_filter("to_server", data):
-                self._enqueue("to_server", data, upstream, self.server)
+                self._enqueue("to_server", data, tuple(client), self.server)
+
+    async def _upstream(self, client: Address) -> trio.socket.SocketType:
+        """The client's socket towards the server (its NAT mapping), made on first use."""
+        upstream = self._upstreams.get(client)
+        if upstream is None:
+            assert self._nursery is not None
+            upstream = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+            await upstream.bind(("::1" if self.family == socket.AF_INET6 else "127.0.0.1", 0))
+            self._upstreams[client] = upstream
+            self._nursery.start_soon(self._server_side_loop, upstream, client)
+        return upstream
 
     async def _server_side_loop(self, upstream: trio.socket.SocketType, client: Address) -> None:
         while True:
             try:
                 data, _ = await upstream.recvfrom(65536)
             except trio.ClosedResourceError:
-                return  # rebound
+                return  # rebound while waiting
             except OSError:
-                continue
+                if upstream.fileno() == -1:
+                    return  # rebound between two reads
+                continue  # e.g. an ICMP error reported by the socket
             if not self._dropped_by_filter("to_client", data):
-                self._enqueue("to_client", data, self._listener, client)
+                self._enqueue("to_client", data, None, client)
 
     async def _deliver_loop(self) -> None:
         while True:
             now = trio.current_time()
             while self._queue and self._queue[0][0] <= now:
-                _, _, data, sock, dest = heapq.heappop(self._queue)
+                _, _, data, client, dest = heapq.heappop(self._queue)
+                sock = self._listener if client is None else await self._upstream(client)
                 with contextlib.suppress(OSError):  # e.g. the peer socket is gone
                     await sock.sendto(data, dest)
                 now = trio.current_time()
