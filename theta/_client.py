@@ -62,6 +62,7 @@ async def connect(
     config = config or ClientConfig()
     deadline = trio.current_time() + config.handshake_timeout
     failure: Exception | None = None  # the block's own, re-raised untouched below
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with single_error():
         try:
             quic = open_quic_connection(host, port, client_quic_config(config), deadline=deadline)
@@ -89,12 +90,12 @@ async def connect(
             within = f"within {config.handshake_timeout:g} s"
             if error.peer_answered:
                 raise HandshakeTimeout(
-                    f"the QUIC handshake with {host}:{port} did not complete {within}"
+                    f"the QUIC handshake with {where} did not complete {within}"
                 ) from None
-            raise ServerUnreachable(f"no answer from {host}:{port} {within}") from None
+            raise ServerUnreachable(f"no answer from {where} {within}") from None
         except QuicConnectionRefused:
             raise ServerUnreachable(
-                f"nothing listens at {host}:{port} (the network answered: unreachable)"
+                f"nothing listens at {where} (the network answered: unreachable)"
             ) from None
     if failure is not None:
         raise failure

@@ -394,14 +394,18 @@ async def test_handler_failing_with_another_sessions_error_closes_its_own(
     assert closed.code == ErrorCode.NO_ERROR
 
 
-async def test_connection_refused_fails_fast() -> None:
-    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as probe:
-        await probe.bind(("127.0.0.1", 0))
+@pytest.mark.parametrize(("family", "host", "shown"), [
+    (socket.AF_INET, "127.0.0.1", "127.0.0.1"), (socket.AF_INET6, "::1", "[::1]"),
+])  # fmt: skip
+async def test_connection_refused_fails_fast(family: int, host: str, shown: str) -> None:
+    with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as probe:
+        await probe.bind((host, 0))
         port = probe.getsockname()[1]  # free once closed: nothing listens there
     config = client_config(handshake_timeout=30.0)
-    with trio.fail_after(5), pytest.raises(theta.ServerUnreachable, match="nothing listens"):
-        async with theta.connect("127.0.0.1", port, config):
+    with trio.fail_after(5), pytest.raises(theta.ServerUnreachable) as refused:
+        async with theta.connect(host, port, config):
             pytest.fail("nothing listens")
+    assert refused.value.reason.startswith(f"nothing listens at {shown}:{port} ")
 
 
 _AddressInfo = (  # trio.abc.HostnameResolver's entries
