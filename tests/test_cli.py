@@ -130,22 +130,22 @@ def test_cert_for_an_ip_address_certifies_it_as_an_address(tmp_path: Path) -> No
     ]
 
 
-def test_cert_narrows_an_existing_key_file_and_leaves_no_half_pair(tmp_path: Path) -> None:
+def test_cert_writes_both_files_or_neither(tmp_path: Path) -> None:
     key = tmp_path / "k.pem"
     key.write_bytes(b"old")
     key.chmod(0o644)
-    missing = tmp_path / "missing" / "c.pem"
-    result = theta("cert", "--name", "x", "--cert-out", str(missing), "--key-out", str(key))
-    assert result.returncode == 2, result.stderr
-    assert "cannot write --cert-out" in result.stderr
-    assert not key.exists()  # no key without its certificate
-    key.write_bytes(b"old")
-    key.chmod(0o644)
-    result = theta(
-        "cert", "--name", "x", "--cert-out", str(tmp_path / "c.pem"), "--key-out", str(key)
-    )
+    for cert_out in (tmp_path / "missing" / "c.pem", tmp_path):  # no folder; a folder
+        result = theta("cert", "--name", "x", "--cert-out", str(cert_out), "--key-out", str(key))
+        assert result.returncode == 2, result.stderr
+        assert "cannot write --cert-out" in result.stderr
+        assert key.read_bytes() == b"old"  # the existing key is left as it was
+    assert [path.name for path in tmp_path.iterdir()] == ["k.pem"]  # no temporary left
+    cert = tmp_path / "c.pem"
+    result = theta("cert", "--name", "x", "--cert-out", str(cert), "--key-out", str(key))
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cert.stat().st_mode) == 0o644
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -169,8 +170,13 @@ class AssetChannel(DataChannel[AssetProgress]):
         await super().finish()
 
     async def _finish_quietly(self) -> None:
-        if not self._unfinished:  # else the QUIC close ends the stream: the asset is lost
-            await super()._finish_quietly()
+        # Decided once the sends queued for the channel have had their turn: a close
+        # refuses their writes, so those that had written nothing are no longer counted.
+        async with self._framed._send_lock:
+            if self._unfinished:  # the QUIC close ends the stream: the asset is lost
+                return
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._framed.stream.send_eof()
 
     def _left_unfinished(self) -> str:
         ids = ", ".join(map(str, sorted(self._unfinished)[:8]))

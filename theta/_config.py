@@ -127,7 +127,7 @@ class _SessionConfig:
     """Data bytes per ``AssetChunk`` sent (capped so each frame fits the peer's default
     assets limit)."""
     max_buffered_asset_bytes: int = 256 * 1024 * 1024
-    """Declared size of all unfinished incoming assets at once, their names' lengths
+    """Declared size of all unfinished incoming assets at once, their names' UTF-8 bytes
     included (``FRAME_TOO_LARGE`` beyond): bounds what :meth:`AssetChannel.receive` holds
     in memory."""
     receive_queue: int = 64

@@ -209,7 +209,8 @@ class Session:
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session: ``SessionClose{code, reason}`` to the peer, FIN on every
-        stream, then the QUIC close with the same code. Sends under way in other tasks
+        stream (on the assets stream only if no asset is left half sent), then the QUIC
+        close with the same code. Sends under way in other tasks
         stop between frames and raise :class:`SessionClosed`. With ``NO_ERROR``, what the
         application sent on the replication and assets channels is acknowledged by the
         peer before the QUIC close, however long that takes while acknowledgements keep
@@ -425,7 +426,7 @@ class Session:
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a user-facing send: connection errors become the session's SessionClosed,
         and so does this side's close(), which stops the send (before its next frame: what
-        was sent is delivered, then the channel's end) rather than wait for it."""
+        was sent is delivered) rather than wait for it."""
         self._check_open()
         try:
             return await operation()

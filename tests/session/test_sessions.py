@@ -407,6 +407,55 @@ async def test_close_stops_a_blocked_send_and_still_ends_every_channel(
     assert received == list(range(len(received)))
 
 
+async def test_close_ends_the_assets_channel_when_queued_asset_sends_wrote_nothing(
+    nursery: trio.Nursery, short_close_grace: float
+) -> None:
+    """Asset sends waiting for the channel when the session closes count as started but
+    write nothing once the close refuses writes: the channel still gets its end."""
+    outcome: dict[str, object] = {}
+    done = trio.Event()
+
+    async def late_reader(session: Session) -> None:
+        await session.wait_closed()
+        try:
+            async for _ in session.assets:
+                pass
+            outcome["assets"] = "ended"
+        except SessionClosed as error:
+            outcome["assets"] = error
+        done.set()
+
+    server = await start_server(nursery, late_reader, receive_queue=1)  # stalls soon
+    with trio.fail_after(20):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            framed = session.assets._framed
+            writers = framed.stream._writable
+
+            async def fill() -> None:  # one-chunk assets: never left half sent
+                with contextlib.suppress(SessionClosed):
+                    for index in itertools.count():
+                        await session.assets.send(f"small {index}", bytes(60_000))
+
+            async def big(index: int) -> None:
+                with contextlib.suppress(SessionClosed):
+                    await session.assets.send(f"big {index}", bytes(500_000))
+
+            async with trio.open_nursery() as senders:
+                senders.start_soon(fill)
+                while not writers.statistics().tasks_waiting:  # flow control stalled it
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                for index in range(4):
+                    senders.start_soon(big, index)
+                while framed._send_lock.statistics().tasks_waiting < 4:
+                    await trio.testing.wait_all_tasks_blocked()
+                # Still stalled with the channel: the four have written nothing.
+                assert writers.statistics().tasks_waiting == 1
+                await session.close()
+        with trio.fail_after(20):
+            await done.wait()
+    assert outcome["assets"] == "ended", outcome
+
+
 async def test_the_receiver_of_a_close_raises_credit_in_small_steps(
     nursery: trio.Nursery,
 ) -> None:

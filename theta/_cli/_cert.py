@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from theta import generate_self_signed_certificate
@@ -16,17 +17,39 @@ _LOOPBACK = ("127.0.0.1", "::1")
 _MAX_DAYS = 36500
 
 
-def _write(path: str, data: bytes, mode: int, option: str) -> None:
-    """Write ``data`` to ``path`` created with ``mode`` (the key is private: 0600)."""
+def _write_temporary(path: str, data: bytes, mode: int, option: str) -> str:
+    """Write ``data`` to a new file with ``mode`` beside ``path``; return its name."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as file:
-            # An existing file keeps its mode through open(): narrow it before the
-            # key goes in, not after.
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
+        fd, temporary = tempfile.mkstemp(dir=Path(path).parent, prefix=".theta-cert-")
     except OSError as error:
         raise CommandFailed(f"cannot write {option} {path}: {error.strerror}", EXIT_USAGE) from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), mode)  # mkstemp made it 0600: the key stays so
+            file.write(data)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise CommandFailed(f"cannot write {option} {path}: {error.strerror}", EXIT_USAGE) from None
+    return temporary
+
+
+def _write_pair(files: list[tuple[str, bytes, int, str]]) -> None:
+    """Write every ``(path, data, mode, option)`` or none: each goes to a temporary file
+    first, and the files replace their targets only once all are written."""
+    written: list[tuple[str, str, str]] = []
+    try:
+        for path, data, mode, option in files:
+            written.append((_write_temporary(path, data, mode, option), path, option))
+        for temporary, path, option in written:
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise CommandFailed(
+                    f"cannot write {option} {path}: {error.strerror}", EXIT_USAGE
+                ) from None
+    finally:
+        for temporary, _, _ in written:
+            Path(temporary).unlink(missing_ok=True)
 
 
 def cert(args: argparse.Namespace) -> int:
@@ -47,12 +70,12 @@ def cert(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandFailed(f"invalid --name: {error}", EXIT_USAGE) from None
-    _write(args.key_out, generated.private_key_pem, 0o600, "--key-out")
-    try:
-        _write(args.cert_out, generated.certificate_pem, 0o644, "--cert-out")
-    except CommandFailed:
-        Path(args.key_out).unlink(missing_ok=True)  # no key without its certificate
-        raise
+    _write_pair(
+        [
+            (args.cert_out, generated.certificate_pem, 0o644, "--cert-out"),
+            (args.key_out, generated.private_key_pem, 0o600, "--key-out"),
+        ]
+    )
     print(
         f"wrote a self-signed certificate for {name} (+ {', '.join(_LOOPBACK)}, valid"
         f" {args.days} days) to {Path(args.cert_out)} and its key to {Path(args.key_out)}",

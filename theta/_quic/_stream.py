@@ -147,7 +147,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def refuse_writes(self, reason: str) -> None:
         """From now on ``send_all`` and ``send_whole`` raise ``trio.ClosedResourceError``
         (``reason``) before their next write, those waiting for the high-water mark
-        included; what was written stays, and :meth:`send_eof` still ends the stream."""
+        included; what was written stays, and :meth:`send_eof` still ends the stream (unless
+        a ``send_all`` was stopped part-way, see :meth:`aclose`)."""
         self._writes_refused = reason
         self._writable.unpark_all()
 

@@ -350,7 +350,8 @@ class AssetCollector:
 
     :meth:`receive` returns the :class:`Asset` a chunk completes, else ``None``. Errors and
     limits are those of :class:`AssetAssembler`, plus ``FRAME_TOO_LARGE`` when a new asset's
-    declared size would take the unfinished assets past ``max_buffered_bytes``.
+    declared size and name (UTF-8 bytes) would take the unfinished assets past
+    ``max_buffered_bytes``.
     """
 
     def __init__(
