@@ -55,3 +55,5 @@ if __name__ == "__main__":
         trio.run(main, cert_file, key_file, port)
     except* KeyboardInterrupt:  # Ctrl-C (raised inside a nursery, so maybe in a group)
         pass  # serve() has told every client GOING_AWAY
+    except* (OSError, ValueError) as failed:  # unreadable or bad files, port in use
+        sys.exit(f"cannot serve: {failed.exceptions[0]}")

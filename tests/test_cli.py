@@ -305,6 +305,18 @@ def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) 
             "argument --connect: invalid port in '127.0.0.1:0' (1..65535)",
         ),
         (
+            ["echo-client", "--connect", "127.0.0.1:99999", "--ca", "ca.pem"],
+            "argument --connect: invalid port in '127.0.0.1:99999' (1..65535)",
+        ),
+        (
+            ["echo-client", "--connect", "127.0.0.1:\u00b2", "--ca", "ca.pem"],
+            "argument --connect: invalid port in '127.0.0.1:\u00b2' (1..65535)",
+        ),
+        (
+            ["echo-client", "--connect", "127.0.0.1:1", "--ca", "ca.pem", "--messages", "\u00b2"],
+            "argument --messages: expected a non-negative integer, got '\u00b2'",
+        ),
+        (
             ["demo", "--asset-size", "67108865"],
             "argument --asset-size: at most 67108864 bytes (a peer's default limit),"
             " got '67108865'",

@@ -119,22 +119,28 @@ class Endpoint:
 def peer_endpoint(text: str) -> Endpoint:
     """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` with a port to connect to, 1..65535 (an
     argparse type)."""
-    parsed = endpoint(text)
-    if parsed.port == 0:
-        raise argparse.ArgumentTypeError(f"invalid port in {text!r} (1..65535)")
-    return parsed
+    return _endpoint(text, lowest_port=1)
 
 
 def endpoint(text: str) -> Endpoint:
     """Parse ``HOST:PORT`` or ``[IPV6]:PORT``, port 0..65535 (an argparse type)."""
+    return _endpoint(text, lowest_port=0)
+
+
+def _digits(text: str) -> bool:
+    """ASCII decimal digits only (``str.isdigit`` also takes e.g. superscripts)."""
+    return text.isascii() and text.isdigit()
+
+
+def _endpoint(text: str, *, lowest_port: int) -> Endpoint:
     host, sep, port_text = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
     if not sep or not host or (":" in host and not bracketed):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT or [IPV6]:PORT, got {text!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port in {text!r} (0..65535)")
+    if not _digits(port_text) or not lowest_port <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port in {text!r} ({lowest_port}..65535)")
     return Endpoint(host, int(port_text), bracketed=bracketed)
 
 
@@ -187,7 +193,7 @@ def positive_count(text: str) -> int:
 
 def count(text: str) -> int:
     """A non-negative integer (an argparse type)."""
-    if not text.isdigit():
+    if not _digits(text):
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return int(text)
 
