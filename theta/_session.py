@@ -236,9 +236,7 @@ class Session:
         if self._closed is None:
             self._closing = closing = trio.Event()
             self._record_close(code, reason, by_peer=False)
-            for channel in (self.replication, self.assets):
-                # Sends under way stop before their next frame and raise SessionClosed.
-                channel._framed.stream.refuse_writes("the session is closing")
+            self._stop_sends()
             try:
                 with trio.CancelScope(shield=True):
                     try:
@@ -270,6 +268,12 @@ class Session:
         elif self._closing is not None:
             await self._closing.wait()  # the first close() is still delivering what was sent
         self._cancel_scope.cancel()
+
+    def _stop_sends(self) -> None:
+        """The session's end is decided: the application's sends under way stop before
+        their next frame and raise SessionClosed (none waits on for flow control)."""
+        for channel in (self.replication, self.assets):
+            channel._framed.stream.refuse_writes("the session is closing")
 
     async def _wait_acknowledged(self, streams: list[QuicStream], *, patient: bool) -> None:
         """Wait until the peer acknowledged everything sent on ``streams``: if ``patient``,
@@ -345,6 +349,7 @@ class Session:
             return
         self._closed = SessionClosed(code, reason, by_peer=True)
         self._closed_event.set()
+        self._stop_sends()  # a handler blocked in a send can then take what is arriving
         emptied = self._has_handler
         channels = (self.replication, self.assets)
         for channel in channels:

@@ -456,6 +456,37 @@ async def test_close_ends_the_assets_channel_when_queued_asset_sends_wrote_nothi
     assert outcome["assets"] == "ended", outcome
 
 
+async def test_the_peers_close_stops_a_blocked_send_so_the_handler_can_drain(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The handler is blocked sending to a client that does not read when the client
+    closes, with part of what it sent still waiting for the server's credit (1.5 MB
+    against a 1 MiB window): the send stops at the SessionClose, and the handler then
+    takes everything the client sent (it used to stay blocked until the server gave up
+    waiting for progress and cut the rest off)."""
+    received: list[int] = []
+    stopped: list[SessionClosed] = []
+    drained = trio.Event()
+
+    async def send_then_drain(session: Session) -> None:
+        try:
+            await session.replication.send_many([(tick, bytes(2000)) for tick in range(3000)])
+        except SessionClosed as error:
+            stopped.append(error)
+        async for message in session.replication:
+            received.append(message.tick)
+        drained.set()
+
+    server = await start_server(nursery, send_then_drain)
+    config = client_config(capabilities=())
+    with trio.fail_after(60):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            await session.replication.send_many([(tick, bytes(2000)) for tick in range(750)])
+        await drained.wait()
+    assert [(error.code, error.by_peer) for error in stopped] == [(ErrorCode.NO_ERROR, True)]
+    assert received == list(range(750))
+
+
 async def test_the_receiver_of_a_close_raises_credit_in_small_steps(
     nursery: trio.Nursery,
 ) -> None:
