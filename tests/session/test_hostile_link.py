@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 
+import pytest
 import trio
 import trio.testing
 
@@ -90,3 +93,24 @@ async def test_a_rebinding_also_moves_the_datagrams_still_on_their_way(
     assert received[0][1] == received[1][1]  # one new mapping
     stats = link.stats["to_server"]
     assert (stats.received, stats.forwarded, stats.dropped) == (2, 2, 0)
+
+
+def test_impairments_are_checked_when_configured() -> None:
+    with pytest.raises(ValueError, match="loss must be a probability in"):
+        LinkConditionerConfig(loss=1.5)
+    with pytest.raises(ValueError, match="delay must be a finite number of seconds"):
+        LinkConditionerConfig(delay=-0.1)
+    with pytest.raises(ValueError, match="loss_in_bad must be a probability in"):
+        GilbertElliott(loss_in_bad=2)
+    with pytest.raises(TypeError, match="drop must be callable"):
+        LinkConditionerConfig(drop=True)  # type: ignore[arg-type]
+
+
+def test_a_conditioner_holds_no_socket_until_it_runs() -> None:
+    link = LinkConditioner(("127.0.0.1", 9))
+    with pytest.raises(RuntimeError, match="not running"):
+        link.address  # noqa: B018
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del link
+        gc.collect()

@@ -34,6 +34,10 @@ class GilbertElliott:
     loss_in_bad: float = 0.5
     loss_in_good: float = 0.0
 
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check(field.name, getattr(self, field.name), 1.0)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LinkConditionerConfig:
@@ -53,6 +57,28 @@ class LinkConditionerConfig:
     delay: float = 0.0
     jitter: float = 0.0
     drop: Callable[[bytes], bool] | None = None
+
+    def __post_init__(self) -> None:
+        """``ValueError`` for a probability outside [0, 1] or a negative or infinite time,
+        ``TypeError`` for anything else that is not a number (or a callable ``drop``)."""
+        for name in ("loss", "duplicate", "reorder"):
+            _check(name, getattr(self, name), 1.0)
+        for name in ("reorder_delay", "delay", "jitter"):
+            _check(name, getattr(self, name), math.inf)
+        if self.burst_loss is not None and not isinstance(self.burst_loss, GilbertElliott):
+            raise TypeError(f"burst_loss must be a GilbertElliott, not {self.burst_loss!r}")
+        if self.drop is not None and not callable(self.drop):
+            raise TypeError(f"drop must be callable, not {self.drop!r}")
+
+
+def _check(name: str, value: object, most: float) -> None:
+    """A probability (``most`` 1) or a time in seconds (``most`` inf, excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {value!r}")
+    if most == math.inf and not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+    if not 0 <= value <= most:
+        raise ValueError(f"{name} must be a probability in [0, 1], not {value!r}")
 
 
 @dataclasses.dataclass
@@ -127,7 +153,7 @@ class LinkConditioner:
             "to_server": _Direction(to_server or LinkConditionerConfig(), seed * 2 + 1),
             "to_client": _Direction(to_client or LinkConditionerConfig(), seed * 2 + 2),
         }
-        self._listener = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+        self._listener: trio.socket.SocketType | None = None  # made by run()
         self._upstreams: dict[Address, trio.socket.SocketType] = {}
         # (when, order, data, client, destination): to the server (client set) through the
         # client's upstream socket as of delivery, to a client (None) through the listener.
@@ -138,7 +164,10 @@ class LinkConditioner:
 
     @property
     def address(self) -> Address:
-        """Where clients should send (the relay's listening address)."""
+        """Where clients should send (the relay's listening address); ``RuntimeError``
+        until :meth:`run` has started."""
+        if self._listener is None:
+            raise RuntimeError("not running: start it with nursery.start(conditioner.run)")
         return tuple(self._listener.getsockname())
 
     @property
@@ -172,15 +201,16 @@ class LinkConditioner:
     ) -> None:
         """Relay until cancelled; ``task_status.started(self)`` once listening."""
         host = "::1" if self.family == socket.AF_INET6 else "127.0.0.1"
+        listener = self._listener = trio.socket.socket(self.family, socket.SOCK_DGRAM)
         try:
-            await self._listener.bind((host, 0))
+            await listener.bind((host, 0))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._deliver_loop)
                 nursery.start_soon(self._client_side_loop)
                 task_status.started(self)
         finally:
-            self._listener.close()
+            listener.close()
             for upstream in self._upstreams.values():
                 upstream.close()
 
@@ -200,6 +230,7 @@ class LinkConditioner:
         return False
 
     async def _client_side_loop(self) -> None:
+        assert self._listener is not None
         while True:
             data, client = await self._listener.recvfrom(65536)
             if not self._dropped_by_filter("to_server", data):
@@ -234,7 +265,8 @@ class LinkConditioner:
             now = trio.current_time()
             while self._queue and self._queue[0][0] <= now:
                 _, _, data, client, dest = heapq.heappop(self._queue)
-                sock = self._listener if client is None else await self._upstream(client)
+                sock = await self._upstream(client) if client is not None else self._listener
+                assert sock is not None
                 with contextlib.suppress(OSError):  # e.g. the peer socket is gone
                     await sock.sendto(data, dest)
                 now = trio.current_time()
