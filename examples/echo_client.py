@@ -54,5 +54,5 @@ if __name__ == "__main__":
         sys.exit(f"QUIC/TLS error {error.code:#x}: {error.reason}")
     except theta.SessionClosed as error:  # the session ended before the echoes came back
         sys.exit(str(error))
-    except OSError as error:  # e.g. the CA file cannot be read
+    except (OSError, ValueError) as error:  # e.g. the CA file is unreadable or no PEM
         sys.exit(str(error))

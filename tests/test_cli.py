@@ -7,6 +7,7 @@ with a deadline (no sleeps).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import ipaddress
 import os
 import re
@@ -146,6 +147,58 @@ def test_cert_writes_both_files_or_neither(tmp_path: Path) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(cert.stat().st_mode) == 0o644
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_cert_with_a_directory_for_the_key_changes_nothing(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_bytes(b"old cert")
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    result = theta("cert", "--name", "x", "--cert-out", str(cert), "--key-out", str(folder))
+    assert result.returncode == 2, result.stderr
+    assert "cannot write --key-out" in result.stderr
+    assert cert.read_bytes() == b"old cert"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.pem", "keys"]
+
+
+def test_cert_puts_the_first_file_back_when_the_second_cannot_be_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from theta._cli._common import CommandFailed
+
+    cert_module = importlib.import_module("theta._cli._cert")  # (theta._cli.cert: the command)
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(b"old cert")
+    replace = os.replace
+    calls: list[str] = []
+
+    def second_fails(source: str, target: str) -> None:
+        calls.append(target)
+        if len(calls) == 2:
+            raise PermissionError(1, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(cert_module.os, "replace", second_fails)
+    files = [
+        (str(cert), b"new cert", 0o644, "--cert-out"),
+        (str(key), b"new key", 0o600, "--key-out"),
+    ]
+    with pytest.raises(CommandFailed, match="cannot write --key-out"):
+        cert_module._write_pair(files)
+    assert cert.read_bytes() == b"old cert"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.pem"]
+
+
+def test_cert_writes_through_a_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    key = tmp_path / "k.pem"
+    key.symlink_to(tmp_path / "real" / "key.pem")
+    cert = tmp_path / "c.pem"
+    result = theta("cert", "--name", "x", "--cert-out", str(cert), "--key-out", str(key))
+    assert result.returncode == 0, result.stderr
+    assert key.is_symlink()
+    assert (tmp_path / "real" / "key.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY")
 
 
 @pytest.mark.parametrize(
@@ -311,6 +364,10 @@ def test_inconsistent_options_are_a_usage_error(certificate: tuple[Path, Path]) 
         (
             ["echo-client", "--connect", "127.0.0.1:\u00b2", "--ca", "ca.pem"],
             "argument --connect: invalid port in '127.0.0.1:\u00b2' (1..65535)",
+        ),
+        (
+            ["echo-client", "--connect", "127.0.0.1:" + "9" * 5000, "--ca", "ca.pem"],
+            f"argument --connect: invalid port in '127.0.0.1:{'9' * 5000}' (1..65535)",
         ),
         (
             ["echo-client", "--connect", "127.0.0.1:1", "--ca", "ca.pem", "--messages", "\u00b2"],

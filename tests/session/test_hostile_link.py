@@ -114,3 +114,21 @@ def test_a_conditioner_holds_no_socket_until_it_runs() -> None:
         warnings.simplefilter("error", ResourceWarning)
         del link
         gc.collect()
+
+
+async def test_a_conditioner_can_run_again() -> None:
+    with (
+        trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as server,
+        trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as client,
+    ):
+        await server.bind(("127.0.0.1", 0))
+        link = LinkConditioner(server.getsockname())
+        for round_trip in (b"first run", b"second run"):
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(link.run)
+                    await client.sendto(round_trip, link.address)
+                    assert (await server.recvfrom(100))[0] == round_trip
+                    nursery.cancel_scope.cancel()
+            with pytest.raises(RuntimeError, match="not running"):
+                link.address  # noqa: B018

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import tempfile
@@ -35,21 +36,40 @@ def _write_temporary(path: str, data: bytes, mode: int, option: str) -> str:
 
 def _write_pair(files: list[tuple[str, bytes, int, str]]) -> None:
     """Write every ``(path, data, mode, option)`` or none: each goes to a temporary file
-    first, and the files replace their targets only once all are written."""
+    beside its target (through a symbolic link, beside the file it names) first; the
+    targets are replaced only once all are written, and one that cannot be replaced
+    puts back those replaced before it."""
     written: list[tuple[str, str, str]] = []
+    replaced: list[tuple[str, bytes | None]] = []  # target, its former bytes (None: new)
     try:
         for path, data, mode, option in files:
-            written.append((_write_temporary(path, data, mode, option), path, option))
-        for temporary, path, option in written:
+            target = os.path.realpath(path)
+            if os.path.isdir(target):
+                raise CommandFailed(f"cannot write {option} {path}: a directory", EXIT_USAGE)
+            written.append((_write_temporary(target, data, mode, option), target, option))
+        for temporary, target, option in written:
             try:
-                os.replace(temporary, path)
+                former = Path(target).read_bytes() if os.path.lexists(target) else None
+                os.replace(temporary, target)
             except OSError as error:
+                for done, content in reversed(replaced):
+                    _put_back(done, content)
                 raise CommandFailed(
-                    f"cannot write {option} {path}: {error.strerror}", EXIT_USAGE
+                    f"cannot write {option} {target}: {error.strerror}", EXIT_USAGE
                 ) from None
+            replaced.append((target, former))
     finally:
         for temporary, _, _ in written:
             Path(temporary).unlink(missing_ok=True)
+
+
+def _put_back(target: str, content: bytes | None) -> None:
+    """Best effort: ``target`` as it was (``None``: it did not exist)."""
+    with contextlib.suppress(OSError):
+        if content is None:
+            os.unlink(target)
+        else:
+            Path(target).write_bytes(content)
 
 
 def cert(args: argparse.Namespace) -> int:

@@ -128,8 +128,9 @@ def endpoint(text: str) -> Endpoint:
 
 
 def _digits(text: str) -> bool:
-    """ASCII decimal digits only (``str.isdigit`` also takes e.g. superscripts)."""
-    return text.isascii() and text.isdigit()
+    """At most 18 ASCII decimal digits (``str.isdigit`` also takes e.g. superscripts, and
+    ``int`` refuses more than 4,300 digits)."""
+    return len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def _endpoint(text: str, *, lowest_port: int) -> Endpoint:

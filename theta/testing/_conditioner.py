@@ -213,6 +213,10 @@ class LinkConditioner:
             listener.close()
             for upstream in self._upstreams.values():
                 upstream.close()
+            # Ready to run again (fresh sockets; the statistics and random streams go on).
+            self._upstreams.clear()
+            self._queue.clear()
+            self._listener = self._nursery = None
 
     def _enqueue(self, direction: str, data: bytes, client: Address | None, dest: Address) -> None:
         for when in self._directions[direction].schedule(trio.current_time()):
