@@ -306,6 +306,8 @@ def test_demo_runs_and_prints_a_summary() -> None:
     result = theta("demo", "--duration", "2")
     assert result.returncode == 0, result.stderr
     assert "summary after" in result.stdout
+    assets = next(line for line in result.stdout.splitlines() if line.startswith("  assets "))
+    assert re.search(r"[1-9]\d* echoed back \(.*B, 0 mismatched\)", assets), assets
     assert "client" in result.stdout
     assert "Traceback" not in result.stderr
 

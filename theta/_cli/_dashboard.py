@@ -36,6 +36,7 @@ class Traffic:
     asset_bytes_out: int = 0
     asset_bytes_in: int = 0
     mismatches: int = 0
+    asset_mismatches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,8 @@ def summary(
         f" {_si(traffic.payload_out)}B), {traffic.messages_in} echoed back"
         f" ({traffic.mismatches} mismatched)",
         f"  assets       {traffic.assets_out} sent ({_si(traffic.asset_bytes_out)}B),"
-        f" {traffic.assets_in} echoed back ({_si(traffic.asset_bytes_in)}B)",
+        f" {traffic.assets_in} echoed back ({_si(traffic.asset_bytes_in)}B,"
+        f" {traffic.asset_mismatches} mismatched)",
         f"  heartbeats   client {client.heartbeats_sent} sent / {client.heartbeats_received}"
         " received"
         + (

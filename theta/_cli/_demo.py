@@ -8,6 +8,7 @@ jitter, heartbeats and throughput is refreshed every second, and a summary ends 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import struct
@@ -42,6 +43,7 @@ class _Demo:
         self.client = Traffic()
         self.server = Traffic()
         self.sent: dict[int, bytes] = {}
+        self.sent_assets: dict[str, bytes] = {}  # name: SHA-256 of what was sent
 
     async def server_handler(self, session: theta.Session) -> None:
         """Echo replication messages and assets, counting them."""
@@ -91,7 +93,9 @@ class _Demo:
     async def send_assets(self, session: theta.Session) -> None:
         for number in range(1, 2**62):
             data = os.urandom(self.asset_size)
-            await session.assets.send(f"demo/asset-{number}.bin", data)
+            name = f"demo/asset-{number}.bin"
+            self.sent_assets[name] = hashlib.sha256(data).digest()
+            await session.assets.send(name, data)
             self.client.assets_out += 1
             self.client.asset_bytes_out += len(data)
             await trio.sleep(self.asset_interval)
@@ -102,6 +106,8 @@ class _Demo:
                 asset = await session.assets.receive()
             except (trio.EndOfChannel, theta.SessionClosed):
                 return
+            if self.sent_assets.pop(asset.name, None) != hashlib.sha256(asset.data).digest():
+                self.client.asset_mismatches += 1
             self.client.assets_in += 1
             self.client.asset_bytes_in += len(asset.data)
 
@@ -154,7 +160,7 @@ async def _run(args: argparse.Namespace) -> int:
             peers = [peer.diagnostics() for peer in server.sessions]
         nursery.cancel_scope.cancel()
     print("\n".join(summary(duration, client, peers[0] if peers else None, demo.client)))
-    return EXIT_FAILURE if demo.client.mismatches else EXIT_OK
+    return EXIT_FAILURE if demo.client.mismatches or demo.client.asset_mismatches else EXIT_OK
 
 
 def demo(args: argparse.Namespace) -> int:
