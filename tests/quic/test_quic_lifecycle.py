@@ -462,21 +462,31 @@ async def test_unaccepted_peer_streams_hold_their_places(nursery: trio.Nursery) 
                 inner.cancel_scope.cancel()
 
 
-async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.Nursery) -> None:
-    high_water, window = 64 * 1024, 16 * 1024
-    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
-    read_now = trio.Event()
+class _PeerReader:
+    """A server handler that reads the first stream the client opens, whole, once
+    ``read_now`` is set: :meth:`outcome` is the bytes up to a clean end, or the error."""
 
-    async def reader(connection: QuicConnection) -> None:
+    def __init__(self) -> None:
+        self.read_now = trio.Event()
+        self._send, self._outcome = trio.open_memory_channel[BaseException | bytes](1)
+
+    async def handler(self, connection: QuicConnection) -> None:
         stream = await connection.accept_stream()
-        await read_now.wait()
+        await self.read_now.wait()
         try:
-            outcome_send.send_nowait(await read_all(stream))
+            self._send.send_nowait(await read_all(stream))
         except trio.BrokenResourceError as error:
-            outcome_send.send_nowait(error)
+            self._send.send_nowait(error)
         await connection.terminated.wait()
 
-    server = await start_server(nursery, reader, stream_receive_window=window)
+    async def outcome(self) -> BaseException | bytes:
+        return await self._outcome.receive()
+
+
+async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.Nursery) -> None:
+    high_water, window = 64 * 1024, 16 * 1024
+    peer = _PeerReader()
+    server = await start_server(nursery, peer.handler, stream_receive_window=window)
     config = client_config(stream_send_high_water=high_water)
     with trio.fail_after(10):
         async with open_quic_connection("127.0.0.1", server.port, config) as connection:
@@ -489,8 +499,8 @@ async def test_a_send_interrupted_part_way_resets_instead_of_fin(nursery: trio.N
             with pytest.raises(trio.BrokenResourceError, match="interrupted"):
                 await stream.send_eof()
             await stream.aclose()
-            read_now.set()
-            result = await outcome.receive()
+            peer.read_now.set()
+            result = await peer.outcome()
     assert isinstance(result, StreamResetError)  # not a clean end after a partial message
 
 
@@ -500,19 +510,8 @@ async def test_aclose_beside_a_blocked_send_all_resets_instead_of_fin(
     """Another task closes the stream while ``send_all`` waits part-way through its data:
     the peer must not read the written part followed by a clean end of stream."""
     high_water = window = 1024
-    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
-    read_now = trio.Event()
-
-    async def reader(connection: QuicConnection) -> None:
-        stream = await connection.accept_stream()
-        await read_now.wait()
-        try:
-            outcome_send.send_nowait(await read_all(stream))
-        except trio.BrokenResourceError as error:
-            outcome_send.send_nowait(error)
-        await connection.terminated.wait()
-
-    server = await start_server(nursery, reader, stream_receive_window=window)
+    peer = _PeerReader()
+    server = await start_server(nursery, peer.handler, stream_receive_window=window)
     config = client_config(stream_send_high_water=high_water)
     with trio.fail_after(10):
         async with open_quic_connection("127.0.0.1", server.port, config) as connection:
@@ -527,8 +526,8 @@ async def test_aclose_beside_a_blocked_send_all_resets_instead_of_fin(
                 while not stream._writable.statistics().tasks_waiting:  # blocked part-way
                     await trio.testing.wait_all_tasks_blocked()
                 await stream.aclose()
-            read_now.set()
-            result = await outcome.receive()
+            peer.read_now.set()
+            result = await peer.outcome()
     assert isinstance(result, StreamResetError), result
 
 
@@ -602,16 +601,9 @@ async def test_a_peer_ignoring_stop_sending_keeps_its_streams_places(
 async def test_a_send_all_failing_on_its_last_chunk_is_interrupted(
     nursery: trio.Nursery,
 ) -> None:
-    outcome_send, outcome = trio.open_memory_channel[BaseException | bytes](1)
-
-    async def reader(connection: QuicConnection) -> None:
-        try:
-            outcome_send.send_nowait(await read_all(await connection.accept_stream()))
-        except trio.BrokenResourceError as error:
-            outcome_send.send_nowait(error)
-        await connection.terminated.wait()
-
-    server = await start_server(nursery, reader)
+    peer = _PeerReader()
+    peer.read_now.set()
+    server = await start_server(nursery, peer.handler)
     config = client_config(stream_send_high_water=1024)
     with trio.fail_after(10):
         async with open_quic_connection("127.0.0.1", server.port, config) as connection:
@@ -631,7 +623,7 @@ async def test_a_send_all_failing_on_its_last_chunk_is_interrupted(
                 await stream.send_all(bytes(2000))  # the first chunk went out, the last did not
             connection._quic.send_stream_data = write  # type: ignore[method-assign]
             await stream.aclose()
-            assert isinstance(await outcome.receive(), StreamResetError)  # not a clean end
+            assert isinstance(await peer.outcome(), StreamResetError)  # not a clean end
 
 
 async def test_eager_credit_on_a_closed_stream_leaves_nothing_behind(

@@ -302,27 +302,34 @@ def short_close_grace(monkeypatch: pytest.MonkeyPatch) -> float:
     return 0.2
 
 
+class _SlowSink:
+    """A server handler taking replication messages at ≥ 0.5 ms each until the client's
+    direction ends, then recording how the session ended."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.ends = SessionEnds()
+
+    async def handler(self, session: Session) -> None:
+        async for message in session.replication:
+            self.received.append(message.tick)
+            await trio.sleep(0.0005)  # a slow consumer
+        await self.ends.handler(session)
+
+
 async def test_a_slow_handler_gets_everything_sent_before_the_close(
     nursery: trio.Nursery, short_close_grace: float
 ) -> None:
     """The client sends 1.2 MB (beyond the server's 1 MiB window) and leaves at once; the
     handler takes ≥ 0.5 ms per message, ≥ 0.3 s in all: longer than the close grace, but
     the data keeps moving, so both sides wait for it."""
-    received: list[int] = []
-    ends = SessionEnds()
-
-    async def slow_sink(session: Session) -> None:
-        async for message in session.replication:
-            received.append(message.tick)
-            await trio.sleep(0.0005)  # a slow consumer
-        await ends.handler(session)
-
-    server = await start_server(nursery, slow_sink)
+    sink = _SlowSink()
+    server = await start_server(nursery, sink.handler)
     with trio.fail_after(10):
         async with theta.connect("127.0.0.1", server.port, client_config()) as session:
             await session.replication.send_many([(tick, os.urandom(2000)) for tick in range(600)])
-        (seen,) = await ends.wait()
-    assert received == list(range(600))
+        (seen,) = await sink.ends.wait()
+    assert sink.received == list(range(600))
     assert seen.code == ErrorCode.NO_ERROR
 
 
@@ -331,16 +338,8 @@ async def test_a_second_close_waits_for_the_first_to_deliver(
 ) -> None:
     """Two tasks close the session at once while a slow handler still reads: the second
     close must not cut short the first one's wait for what was sent."""
-    received: list[int] = []
-    ends = SessionEnds()
-
-    async def slow_sink(session: Session) -> None:
-        async for message in session.replication:
-            received.append(message.tick)
-            await trio.sleep(0.0005)  # a slow consumer
-        await ends.handler(session)
-
-    server = await start_server(nursery, slow_sink)
+    sink = _SlowSink()
+    server = await start_server(nursery, sink.handler)
     with trio.fail_after(10):
         async with theta.connect("127.0.0.1", server.port, client_config()) as session:
             await session.replication.send_many([(tick, os.urandom(2000)) for tick in range(1000)])
@@ -349,8 +348,8 @@ async def test_a_second_close_waits_for_the_first_to_deliver(
                 while not session._connection._acknowledged_waiters:  # the first one waits
                     await trio.lowlevel.checkpoint()
                 closers.start_soon(session.close)
-        (seen,) = await ends.wait()
-    assert received == list(range(1000))
+        (seen,) = await sink.ends.wait()
+    assert sink.received == list(range(1000))
     assert seen.code == ErrorCode.NO_ERROR
 
 
