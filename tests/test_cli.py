@@ -441,3 +441,13 @@ def test_ctrl_c_while_importing_exits_130_quietly(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delitem(sys.modules, "theta._cli", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     assert run() == 130
+
+
+def test_an_unresolvable_host_is_reported_as_such() -> None:
+    from theta._cli._common import EXIT_TRANSPORT, describe
+
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert describe(error) == (
+        EXIT_TRANSPORT,
+        "cannot resolve the host name: Name or service not known",
+    )

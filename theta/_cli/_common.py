@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -355,6 +356,8 @@ def describe(error: BaseException) -> tuple[int, str]:
             message = f"{message} (TLS {alert})"
     elif isinstance(error, SessionClosed):
         code, message = EXIT_TRANSPORT, str(error)
+    elif isinstance(error, socket.gaierror):
+        code, message = EXIT_TRANSPORT, f"cannot resolve the host name: {error.strerror or error}"
     elif isinstance(error, trio.BrokenResourceError | OSError):
         code, message = EXIT_TRANSPORT, f"connection error: {error}"
     return code, _one_line(message) or type(error).__name__

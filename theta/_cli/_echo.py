@@ -192,7 +192,7 @@ def echo_client(args: argparse.Namespace) -> int:
                 "session %#x established, role %s, capabilities %s",
                 session.session_id,
                 session.role,
-                session.negotiated_capabilities,
+                ", ".join(f"{c:#x}" for c in session.negotiated_capabilities),
             )
             with trio.move_on_after(args.timeout) as scope:
                 async with trio.open_nursery() as nursery:
@@ -201,8 +201,8 @@ def echo_client(args: argparse.Namespace) -> int:
                     nursery.start_soon(_check_asset, session, tally)
             if scope.cancelled_caught:
                 raise CommandFailed(f"timed out after {args.timeout:g} s: {tally.progress()}")
+            done = trio.current_time()  # before the close: the echo time is the echoes'
             rtt = session.diagnostics().rtt_smoothed
-        done = trio.current_time()
         rtt_text = f", heartbeat RTT {rtt * 1000:.2f} ms" if rtt is not None else ""
         print(
             f"ok: {len(messages)} message{'' if len(messages) == 1 else 's'} and a"
