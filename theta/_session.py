@@ -219,8 +219,9 @@ class Session:
         unacknowledged then is logged as abandoned (``WARNING``). Other codes wait at most
         a second. The ``SessionClose`` too is waited for once the connection has had to
         retransmit; with nothing to wait for, the close is immediate. Idempotent: a
-        ``close`` while another is under way waits for it. Returns once the session's tasks
-        are stopping.
+        ``close`` while another is under way waits for it; a close after the connection has
+        ended (before the session's tasks saw it) records that end, not its own code.
+        Returns once the session's tasks are stopping.
 
         ``code`` is a wire error code, an ``int`` in 0..65535; ``reason`` is a ``str``, cut to
         1 KiB of UTF-8. Anything else raises ``TypeError``/``ValueError`` and closes nothing.
@@ -233,6 +234,10 @@ class Session:
         if not 0 <= code <= 0xFFFF:
             raise ValueError(f"close code {code} is not an unsigned 16-bit value")
         reason = truncate_utf8(reason, _MAX_REASON)
+        if self._closed is None and self._connection.error is not None:
+            # The connection ended before the session's tasks saw it (a send may already
+            # have reported the peer's close): that, not this close, is how it ended.
+            self._connection_lost(self._connection.error)
         if self._closed is None:
             self._closing = closing = trio.Event()
             self._record_close(code, reason, by_peer=False)

@@ -543,3 +543,31 @@ async def test_an_error_unwrapped_from_a_nursery_keeps_its_cause_and_context() -
             nursery.start_soon(fail)
     assert raised.value.__cause__ is cause
     assert raised.value.__context__ is context
+
+
+async def test_a_send_that_saw_the_peers_close_first_agrees_with_session_closed(
+    nursery: trio.Nursery,
+) -> None:
+    """The peer's QUIC close can reach a send before the session's own tasks: the send
+    reports the peer's close, and so does ``session.closed`` once the block has raised
+    that report (closing the session must not claim the end as this side's)."""
+    server = await start_server(nursery, echo)
+    sessions: list[Session] = []
+
+    async def send_after_the_peers_close() -> None:
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            sessions.append(session)
+            # The peer's close arrives; no task of the session has run since.
+            session._connection._terminate(ConnectionClosedByPeer(13, "going away"))
+            await session.replication.send(b"late", tick=1)
+
+    with trio.fail_after(5), pytest.raises(SessionClosed) as raised:
+        await send_after_the_peers_close()
+    assert (raised.value.code, raised.value.by_peer) == (13, True)
+    (session,) = sessions
+    assert session.closed is not None
+    assert (session.closed.code, session.closed.reason, session.closed.by_peer) == (
+        13,
+        "going away",
+        True,
+    )
