@@ -344,10 +344,11 @@ def test_following_the_peer_answers_each_heartbeat_at_once() -> None:
     assert tracker.handle_timer(0.0) is not None  # the first one is due at construction
     assert tracker.next_send_at == 0.5  # sent on its own timer: every interval
     # The peer's first heartbeat 0.1 s after ours: too soon (under interval / 2) to
-    # answer; ours moves to 1.25 intervals after it, so that the peer's next one comes first.
+    # answer; ours moves to 1.25 intervals after ours, so that the peer's next one comes
+    # first.
     tracker.receive(_peer_heartbeat(1, 0.1), 0.1)
     assert tracker.handle_timer(0.1) is None
-    assert tracker.next_send_at == pytest.approx(0.725)
+    assert tracker.next_send_at == pytest.approx(0.625)
     # Its next one is answered at once: the schedules are aligned ...
     tracker.receive(_peer_heartbeat(2, 0.61), 0.61)
     assert tracker.next_send_at == 0.61
@@ -372,6 +373,34 @@ def test_following_the_peer_answers_each_heartbeat_at_once() -> None:
     assert tracker.handle_timer(3.575) is not None
     assert tracker.next_send_at == pytest.approx(4.075)
     assert tracker.metrics().heartbeats_sent == 8
+
+
+def test_following_the_peer_never_leaves_a_gap_over_a_quarter_interval_late() -> None:
+    """Heartbeats arriving too soon after ours, one after another, do not push ours
+    further each time: the gap stays within 1.25 intervals (spec 4.4: every interval)."""
+    tracker = HeartbeatTracker(now=0.0, interval=3.2, timeout=20.0, follow_peer=True)
+    assert tracker.handle_timer(0.0) is not None
+    for sequence, now in ((1, 0.5), (2, 1.0), (3, 1.5)):
+        tracker.receive(_peer_heartbeat(sequence, now), now)
+        assert tracker.handle_timer(now) is None
+    assert tracker.next_send_at == pytest.approx(4.0)
+
+
+def test_following_the_peer_aligns_with_a_late_schedule_within_two_periods() -> None:
+    """The peer's heartbeats 0.2 s (0.4 interval) after ours: ours then leaves 1.25
+    intervals after the previous one, 0.075 s before the peer's, whose next one arrives
+    before our timer and is answered at once, as every one after it."""
+    tracker = HeartbeatTracker(now=0.0, interval=0.5, timeout=5.0, follow_peer=True)
+    sends = []
+    for sequence, arrival in enumerate((0.2, 0.7, 1.2, 1.7, 2.2), start=1):
+        while tracker.next_send_at <= arrival:
+            heartbeat = tracker.handle_timer(tracker.next_send_at)
+            assert heartbeat is not None
+            sends.append(heartbeat.sent_at_us / 1e6)
+        tracker.receive(_peer_heartbeat(sequence, arrival), arrival)
+        if (answer := tracker.handle_timer(arrival)) is not None:
+            sends.append(answer.sent_at_us / 1e6)
+    assert sends == pytest.approx([0.0, 0.625, 1.2, 1.7, 2.2])
 
 
 def test_not_following_ignores_the_peer_schedule() -> None:

@@ -22,10 +22,11 @@ Following the peer (``follow_peer=True``, what theta's server does)
     heartbeat is due ``interval * 1.25`` later unless the peer's comes first: the margin
     keeps our timer from racing the peer's next heartbeat (whose timer runs a little late
     each period). A peer heartbeat arriving too soon after ours moves our next one to
-    ``interval * 1.25`` after it, so that the following one is answered (this is how the
-    two schedules align, at the cost of one gap of at most ``interval * 1.5``). After a
-    heartbeat sent on our own timer the next is due ``interval`` later, as without
-    following: a silent peer costs one gap of ``interval * 1.25``.
+    ``interval * 1.25`` after ours, so that the peer's following one comes first and is
+    answered (the offset between the two schedules shrinks by ``interval / 4`` a period
+    until they align). After a heartbeat sent on our own timer the next is due ``interval``
+    later, as without following. So no gap between two of our heartbeats ever exceeds
+    ``interval * 1.25``, whatever the peer sends or fails to send.
 
 Receiving
     :meth:`~HeartbeatTracker.receive` rejects a sequence that does not strictly increase
@@ -82,6 +83,7 @@ DEFAULT_RTT_WINDOW = 256
 """RTT samples kept for the rolling percentiles (about two minutes at the default interval)."""
 
 _US_PER_S = 1_000_000
+_FOLLOW_MARGIN = 1.25  # following the peer: the longest gap between ours, in intervals
 _U32_MAX = 2**32 - 1
 
 
@@ -244,7 +246,7 @@ class HeartbeatTracker:
         self._next_sequence += 1
         self._sent += 1
         self._last_sent_at = now
-        self._next_send_at = now + self._interval * (1.25 if self._answering else 1.0)
+        self._next_send_at = now + self._interval * (_FOLLOW_MARGIN if self._answering else 1.0)
         self._answering = False
         return heartbeat
 
@@ -255,8 +257,8 @@ class HeartbeatTracker:
         above the previous one's, or is 0 for the first. Otherwise records it for echoing,
         moves :attr:`deadline` to ``now + timeout`` and, when it echoes one of ours, takes
         an RTT sample. When following the peer, ours becomes due at ``now`` if at least
-        ``interval / 2`` has passed since our last send, and otherwise not before
-        ``now + interval * 1.25``.
+        ``interval / 2`` has passed since our last send, and otherwise
+        ``interval * 1.25`` after our last send.
         """
         if heartbeat.sequence <= self._peer_sequence:
             if self._peer_sequence:
@@ -277,8 +279,10 @@ class HeartbeatTracker:
             if now - self._last_sent_at >= self._interval / 2:
                 self._next_send_at = min(self._next_send_at, now)
                 self._answering = True
-            else:  # too soon after ours: move ours to answer the peer's next one
-                self._next_send_at = max(self._next_send_at, now + self._interval * 1.25)
+            else:  # too soon after ours: move ours (within the margin) to answer its next
+                self._next_send_at = max(
+                    self._next_send_at, self._last_sent_at + self._interval * _FOLLOW_MARGIN
+                )
         if heartbeat.echo_sequence != 0:
             rtt = now_us - heartbeat.echo_sent_at_us - heartbeat.echo_delay_us
             self._add_sample(max(0, rtt))
