@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 class TransportDiagnostics:
     """A snapshot of a session's transport health.
 
-    Times are in seconds; an RTT or jitter figure is ``None`` until the first heartbeat
+    Times are in seconds; ``uptime`` runs from establishment until the session's end was
+    decided (then it stays); an RTT or jitter figure is ``None`` until the first heartbeat
     round trip. The RTT figures come from heartbeats (application level, spec section
     4.4); ``quic_*`` figures come from the QUIC engine's loss recovery.
     ``compression_ratio`` (uncompressed ÷ sent replication payload bytes) is ``None``

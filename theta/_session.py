@@ -102,6 +102,7 @@ class Session:
             follow_peer=isinstance(handshake, ServerHandshake),
         )
         self._closed: SessionClosed | None = None
+        self._ended_at: float | None = None  # when the end was decided (uptime stops)
         self._closed_event = trio.Event()
         self._closing: trio.Event | None = None  # set once this side's close() is done
         self._progress = trio.Event()  # set when received data moves after the close
@@ -177,7 +178,7 @@ class Session:
         metrics = self._heartbeats.metrics()
         stats = self._connection.stats()
         return TransportDiagnostics(
-            uptime=trio.current_time() - self._established_at,
+            uptime=(self._ended_at or trio.current_time()) - self._established_at,
             rtt_latest=metrics.latest_rtt,
             rtt_smoothed=metrics.smoothed_rtt,
             rtt_min=metrics.min_rtt,
@@ -335,6 +336,7 @@ class Session:
     def _record_close(self, code: int, reason: str, *, by_peer: bool) -> None:
         if self._closed is None:
             self._closed = SessionClosed(code, reason, by_peer=by_peer)
+            self._ended_at = trio.current_time()
             self._closed_event.set()
         self.replication._session_closed()
         self.assets._session_closed()
@@ -353,6 +355,7 @@ class Session:
         if self._closed is not None:
             return
         self._closed = SessionClosed(code, reason, by_peer=True)
+        self._ended_at = trio.current_time()
         self._closed_event.set()
         self._stop_sends()  # a handler blocked in a send can then take what is arriving
         emptied = self._has_handler

@@ -961,3 +961,13 @@ async def test_a_close_in_the_handshakes_last_flight_explains_the_end(
                 pass
         (seen,) = await ends.wait()
     assert (seen.code, seen.reason, seen.by_peer) == (ErrorCode.GOING_AWAY, "bye", True)
+
+
+async def test_uptime_stops_when_the_session_ends(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, echo)
+    async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+        await trio.sleep(2)
+    await trio.sleep(100)
+    assert 2 <= session.diagnostics().uptime < 2.5
