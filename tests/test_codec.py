@@ -243,6 +243,10 @@ def test_limit_configuration_is_validated() -> None:
         FrameDecoder(Channel.CONTROL, 0)
     with pytest.raises(ValueError, match="control"):
         FrameLimits(control=0)
+    with pytest.raises(TypeError, match=r"FrameLimits\.assets must be an int, not True"):
+        FrameLimits(assets=True)
+    with pytest.raises(TypeError, match=r"FrameLimits\.control must be an int, not 'x'"):
+        FrameLimits(control="x")  # type: ignore[arg-type]
 
 
 # --- stream ends ---------------------------------------------------------------------------

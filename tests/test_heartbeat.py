@@ -86,6 +86,10 @@ def test_constructor_rejects_nonsense() -> None:
         HeartbeatTracker(now=0.0, timeout=float("inf"))
     with pytest.raises(ValueError, match="window"):
         HeartbeatTracker(now=0.0, window=0)
+    with pytest.raises(TypeError, match="heartbeat interval must be a number of seconds"):
+        HeartbeatTracker(now=0.0, interval="0.5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="heartbeat timeout must be a number of seconds"):
+        HeartbeatTracker(now=0.0, timeout=True)
 
 
 def test_build_before_anything_received() -> None:

@@ -16,6 +16,7 @@ from theta.core import (
     AssetChunk,
     AssetProgress,
     AssetSender,
+    FrameLimits,
     Message,
     Role,
     chunk_asset,
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from theta._session import Session
 
 __all__ = ["AssetChannel"]
+
+_PEER_FRAME_LIMIT = FrameLimits().assets  # chunks sent fit the spec's default limit
 
 Progress = Callable[[int, int], object]
 """``progress(bytes_sent, total_size)``, called after each chunk is handed to QUIC."""
@@ -50,7 +53,6 @@ class AssetChannel(DataChannel[AssetProgress]):
     ) -> None:
         super().__init__(session, framed, config.receive_queue, config.receive_queue_bytes)
         self._chunk_size = config.asset_chunk_size
-        self._frame_limit = config.frame_limits.assets
         self._assembler = AssetAssembler(
             max_asset_size=config.max_asset_size,
             max_unfinished_bytes=config.max_buffered_asset_bytes,
@@ -60,7 +62,9 @@ class AssetChannel(DataChannel[AssetProgress]):
         self._unfinished: set[int] = set()  # assets with some chunks written, not all
 
     def _max_chunk_data(self, name: str) -> int:
-        return min(self._chunk_size, max_chunk_data_for(self._frame_limit, name))
+        # What the peer accepts is not known: the spec's default limit (this side's own
+        # limit says what it receives).
+        return min(self._chunk_size, max_chunk_data_for(_PEER_FRAME_LIMIT, name))
 
     async def send(
         self,
@@ -74,7 +78,9 @@ class AssetChannel(DataChannel[AssetProgress]):
 
         ``data`` is the whole asset (``total_size``, if given, must match), or an async
         iterable of pieces of any size adding up to ``total_size`` (required then;
-        ``ValueError`` if the pieces do not add up). Chunks of concurrent sends interleave.
+        ``ValueError`` if the pieces do not add up, or if ``name`` leaves no room for data in
+        a frame within the spec's default assets limit). Chunks of concurrent sends
+        interleave.
         Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
         client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
         :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a

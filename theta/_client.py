@@ -53,7 +53,9 @@ async def connect(
     (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
     bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when nothing
     answered at that address, or the host said nothing listens there), or the
-    transport's error (e.g. the certificate was refused). Leaving the block closes the
+    transport's error (e.g. the certificate was refused); ``OSError`` if ``ca_certs`` or
+    ``key_log_file`` cannot be read or written, ``ValueError`` if the ``ca_certs`` file
+    holds no usable certificate. Leaving the block closes the
     session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block raised an exception,
     which then comes out unchanged; ``GOING_AWAY`` if it was cancelled) and stops all its
     tasks. ``port`` must be an ``int`` in 1..65535.

@@ -29,6 +29,7 @@ from theta.core import (
     Authenticator,
     FrameLimits,
     Role,
+    SessionAcknowledge,
     SessionHello,
     canonical_manifest,
     encode_frame,
@@ -88,6 +89,26 @@ _LARGEST_HELLO = (
                 capabilities=tuple(range(2**32 - MAX_CAPABILITIES, 2**32)),
                 auth_token=bytes(MAX_AUTH_TOKEN_LENGTH),
                 public_key=bytes(32),
+            )
+        )
+    )
+    - 4
+)
+
+# The payload of the largest legal SessionAcknowledge (the 64 capabilities a client may
+# request, all granted): the smallest control frame limit a client can complete with.
+_LARGEST_ACKNOWLEDGE = (
+    len(
+        encode_frame(
+            SessionAcknowledge(
+                protocol_version=PROTOCOL_VERSION,
+                schema_hash=2**64 - 1,
+                nonce=bytes(24),
+                session_id=2**64 - 1,
+                role=2**32 - 1,
+                capabilities=tuple(range(2**32 - MAX_CAPABILITIES, 2**32)),
+                public_key=bytes(32),
+                signature=bytes(64),
             )
         )
     )
@@ -237,6 +258,11 @@ class ClientConfig(_SessionConfig):
             raise ValueError(
                 f"capabilities must hold at most {MAX_CAPABILITIES} values,"
                 f" not {len(self.capabilities)}"
+            )
+        if self.frame_limits.control < _LARGEST_ACKNOWLEDGE:
+            raise ValueError(
+                f"frame_limits.control must be at least {_LARGEST_ACKNOWLEDGE} (the largest"
+                f" SessionAcknowledge a server may send), not {self.frame_limits.control}"
             )
         if not isinstance(self.auth_token, bytes | bytearray | memoryview):
             raise TypeError(f"auth_token must be bytes-like, not {type(self.auth_token).__name__}")

@@ -88,6 +88,11 @@ def test_server_configuration_refuses(
         ({"ca_certs": b"garbage"}, ValueError, "ca_certs: no usable PEM certificates"),
         ({"ca_certs": _PEM_TEXT}, TypeError, r"ca_certs holds PEM text as a str"),
         ({"ca_certs": _OTHER.private_key_pem}, ValueError, "ca_certs: no usable PEM"),
+        (
+            {"frame_limits": FrameLimits(control=487)},
+            ValueError,
+            r"frame_limits\.control must be at least 488 \(the largest SessionAcknowledge",
+        ),
     ],
 )
 def test_client_only_limits(overrides: dict[str, Any], error: type[Exception], match: str) -> None:

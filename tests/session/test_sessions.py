@@ -902,6 +902,32 @@ async def test_the_smallest_control_limit_allowed_takes_the_largest_hello(
             assert (await session.replication.receive()).payload == b"in"
 
 
+async def test_the_smallest_client_control_limit_allowed_takes_the_largest_acknowledge(
+    nursery: trio.Nursery,
+) -> None:
+    capabilities = range(2**32 - 64, 2**32)  # all 64 granted
+    server = await start_server(nursery, echo, capabilities=capabilities)
+    config = client_config(capabilities=capabilities, frame_limits=FrameLimits(control=488))
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            assert len(session.negotiated_capabilities) == 64
+
+
+async def test_chunks_fit_the_peers_default_limit_whatever_this_sides_limit(
+    nursery: trio.Nursery,
+) -> None:
+    """A side that accepts larger asset frames still sends chunks that a peer with the
+    spec's default limit accepts, next to a long name."""
+    server = await start_server(nursery, echo)
+    config = client_config(asset_chunk_size=2**20, frame_limits=FrameLimits(assets=2 * 2**20))
+    name, data = "n" * 10_000, bytes(range(256)) * 5000
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            await session.assets.send(name, data)
+            echoed = await session.assets.receive()
+    assert (echoed.name, echoed.data) == (name, data)
+
+
 async def test_a_client_acknowledges_the_servers_heartbeat_at_once(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -163,7 +163,8 @@ def decode_payload_untrusted(payload: _Buffer) -> Message:
 @dataclass(frozen=True, slots=True)
 class FrameLimits:
     """Largest frame payload accepted per channel (spec section 3 defaults); a payload of
-    exactly the limit is legal."""
+    exactly the limit is legal. Each limit is an ``int`` in 1..2**32-1 (``TypeError``,
+    ``ValueError`` otherwise)."""
 
     control: int = 16 * 1024
     replication: int = 1024 * 1024
@@ -172,7 +173,9 @@ class FrameLimits:
     def __post_init__(self) -> None:
         for name in ("control", "replication", "assets"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 < value <= 0xFFFF_FFFF:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"FrameLimits.{name} must be an int, not {value!r}")
+            if not 0 < value <= 0xFFFF_FFFF:
                 raise ValueError(f"FrameLimits.{name} must be in 1..2**32-1, not {value!r}")
 
     def for_channel(self, channel: Channel) -> int:

@@ -106,11 +106,13 @@ class HeartbeatTimeout(ProtocolError):
 
 
 class HandshakeRejected(ProtocolError):
-    """The server answered ``SessionReject``.
+    """The server refused the session: it answered ``SessionReject``, or closed the
+    connection during the handshake with a code (e.g. ``INTERNAL_ERROR`` when its
+    authenticator failed).
 
     ``code`` and ``reason`` are the server's; ``server_protocol_version`` and
-    ``server_schema_hash`` say what the server expects (``None`` when the server closed
-    the connection with the code but its ``SessionReject`` did not arrive).
+    ``server_schema_hash`` say what the server expects (``None`` when no
+    ``SessionReject`` arrived).
     """
 
     def __init__(

@@ -59,6 +59,7 @@ Timers
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass
 
@@ -138,8 +139,8 @@ class HeartbeatTracker:
     heartbeats sent, ``timeout`` the longest silence tolerated from the peer and ``window``
     the number of recent RTT samples the percentiles are computed over; ``follow_peer``
     sends each heartbeat as the peer's arrives (see the module documentation). Raises
-    ``ValueError`` when ``interval`` or ``timeout`` is not a positive finite number or
-    ``window`` is below 1.
+    ``TypeError`` when ``interval`` or ``timeout`` is not a real number, ``ValueError``
+    when it is not positive and finite or ``window`` is below 1.
     """
 
     def __init__(
@@ -151,6 +152,10 @@ class HeartbeatTracker:
         window: int = DEFAULT_RTT_WINDOW,
         follow_peer: bool = False,
     ) -> None:
+        given: tuple[tuple[str, object], ...] = (("interval", interval), ("timeout", timeout))
+        for name, value in given:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"heartbeat {name} must be a number of seconds, not {value!r}")
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"heartbeat interval must be positive and finite, not {interval!r}")
         if not (math.isfinite(timeout) and timeout > 0):
