@@ -10,6 +10,7 @@ Usage: ``python fuzz/fuzz_decoder.py [RUNS]`` (default 1,000,000).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,6 +57,7 @@ class Progress:
     inputs = 0
     target = 1_000_000
     started = 0.0
+    corpus = ""  # libFuzzer's working corpus, removed before the process ends
 
 
 def one_input(data: bytes) -> None:
@@ -66,6 +68,7 @@ def one_input(data: bytes) -> None:
         elapsed = time.perf_counter() - Progress.started
         print(f"fuzz: {Progress.target:,} inputs in {elapsed:.1f} s, only ProtocolError raised")
         sys.stdout.flush()
+        shutil.rmtree(Progress.corpus, ignore_errors=True)  # os._exit skips the cleanup
         os._exit(0)  # libFuzzer has no clean way to stop the loop from Python
     if len(data) < 2:
         return
@@ -89,6 +92,7 @@ def main() -> None:
                 frames = encode_frame(message) * 2
                 Path(corpus, f"seed-{index}-{channel}").write_bytes(bytes([channel, 255]) + frames)
         Progress.target = runs
+        Progress.corpus = corpus
         Progress.started = time.perf_counter()
         atheris.Setup([sys.argv[0], "-max_len=4096", corpus], one_input)
         atheris.Fuzz()

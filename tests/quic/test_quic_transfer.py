@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import time
 from typing import Any
 
 import pytest
@@ -57,14 +56,12 @@ async def test_2mib_echo_both_directions_with_eof(echo_server: QuicServer) -> No
             assert stats.engine.min_rtt > 0
 
 
-async def test_64mib_one_stream_ipv4(nursery: trio.Nursery) -> None:
+async def test_32mib_one_stream_ipv4(nursery: trio.Nursery) -> None:
+    """Twice the connection window and 32 times the stream window, intact (speed is
+    measured in benchmarks/, not here)."""
     server = await start_server(nursery, digest_handler)
-    data = payload(64 << 20, seed=1)
-    started = time.perf_counter()
     with trio.fail_after(40):
-        await _upload(server.port, data)
-    elapsed = time.perf_counter() - started
-    print(f"64 MiB over one stream: {elapsed:.2f} s ({64 * 1.048576 / elapsed:.1f} MB/s)")
+        await _upload(server.port, payload(32 << 20, seed=1))
 
 
 async def test_2mib_over_ipv6(nursery: trio.Nursery) -> None:

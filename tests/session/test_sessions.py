@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import theta
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed, _client
 from theta._quic import ConnectionClosedByPeer, ConnectionStats, QuicConnection, QuicStream
-from theta.core import ClientHandshake, FrameLimits, ReplicationMessage
+from theta.core import ClientHandshake, FrameLimits, HeartbeatMetrics, ReplicationMessage
 from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .helpers import (
@@ -997,3 +999,133 @@ async def test_uptime_stops_when_the_session_ends(
         await trio.sleep(2)
     await trio.sleep(100)
     assert 2 <= session.diagnostics().uptime < 2.5
+
+
+def _raw_public_key(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+async def test_configured_signing_keys_are_each_sides_identity(nursery: trio.Nursery) -> None:
+    """Each side signs with the key it was configured with: the peer sees that key, and
+    the server's authenticator gets the client's key and address."""
+    server_key, client_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    seen: list[tuple[bytes, tuple[str, int] | None]] = []
+    peer_keys: list[bytes] = []
+
+    def authenticate(token: bytes, key: bytes, address: tuple[str, int] | None) -> int:
+        seen.append((key, address))
+        return int(Role.REPLICATE)
+
+    async def note_the_clients_key(session: Session) -> None:
+        peer_keys.append(session.peer_public_key)
+        await echo(session)
+
+    server = await start_server(
+        nursery, note_the_clients_key, signing_key=server_key, authenticator=authenticate
+    )
+    with trio.fail_after(5):
+        config = client_config(signing_key=client_key)
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            assert session.public_key == _raw_public_key(client_key)
+            assert session.peer_public_key == _raw_public_key(server_key)
+            client_port = session._connection.local_address[1]
+            await session.replication.send(b"x", tick=1)
+            await session.replication.receive()  # the handler has run
+    assert seen == [(_raw_public_key(client_key), ("127.0.0.1", client_port))]
+    assert peer_keys == [_raw_public_key(client_key)]
+
+
+async def test_diagnostics_report_the_quic_engines_figures(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Percentiles, the peer's estimates and the QUIC figures reach the snapshot; loss
+    shows on a lossy link."""
+    server = await start_server(nursery, echo)
+    lossy = LinkConditionerConfig(loss=0.2)
+    link = LinkConditioner(server.address, lossy, lossy, seed=3)
+    await nursery.start(link.run)
+    with trio.fail_after(120):  # virtual seconds
+        async with theta.connect("127.0.0.1", link.address[1], client_config()) as session:
+            await session.replication.send_many([(t, os.urandom(1000)) for t in range(200)])
+            for _ in range(200):
+                await session.replication.receive()
+            await trio.sleep(3)
+            snapshot = session.diagnostics()
+    assert snapshot.rtt_p50 is not None
+    assert snapshot.peer_rtt is not None
+    assert snapshot.quic_smoothed_rtt > 0
+    assert snapshot.quic_congestion_window > 0
+    assert snapshot.quic_lost_packets > 0
+    assert snapshot.quic_lost_packets == session._connection.stats().engine.lost_packets
+
+
+async def test_diagnostics_carry_each_heartbeat_figure_to_its_field(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start_server(nursery, echo)
+    figures = HeartbeatMetrics(
+        latest_rtt=0.001,
+        smoothed_rtt=0.002,
+        min_rtt=0.003,
+        rtt_p50=0.004,
+        rtt_p90=0.005,
+        rtt_p99=0.006,
+        jitter=0.007,
+        heartbeats_sent=8,
+        heartbeats_received=9,
+        peer_rtt=0.010,
+        peer_jitter=0.011,
+    )
+    with trio.fail_after(5):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            monkeypatch.setattr(session._heartbeats, "metrics", lambda: figures)
+            snapshot = session.diagnostics()
+    assert (
+        snapshot.rtt_latest,
+        snapshot.rtt_smoothed,
+        snapshot.rtt_min,
+        snapshot.rtt_p50,
+        snapshot.rtt_p90,
+        snapshot.rtt_p99,
+        snapshot.jitter,
+        snapshot.heartbeats_sent,
+        snapshot.heartbeats_received,
+        snapshot.peer_rtt,
+        snapshot.peer_jitter,
+    ) == dataclasses.astuple(figures)
+
+
+async def test_watch_diagnostics_keeps_its_interval(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery, echo)
+    with trio.fail_after(30):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            uptimes = []
+            async for snapshot in session.watch_diagnostics(0.3):
+                uptimes.append(snapshot.uptime)
+                if len(uptimes) == 4:
+                    break
+    steps = [b - a for a, b in itertools.pairwise(uptimes)]
+    assert steps == pytest.approx([0.3] * 3, abs=1e-3)
+
+
+async def test_max_sessions_keeps_further_clients_out_until_a_place_frees(
+    nursery: trio.Nursery,
+) -> None:
+    """Beyond max_sessions a client gets no answer (ServerUnreachable at its timeout);
+    one that keeps trying gets in once a place is free."""
+    server = await start_server(nursery, echo, max_sessions=1)
+
+    async def second_client() -> None:
+        config = client_config(handshake_timeout=0.5)
+        async with theta.connect("127.0.0.1", server.port, config):
+            pytest.fail("a second session must not be established")
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()):
+            with pytest.raises(theta.ServerUnreachable):
+                await second_client()
+        # The first session's place is given back while this client retries.
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            assert session.session_id
