@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -128,3 +129,20 @@ def session_task_names() -> list[str]:
 
     walk(trio.lowlevel.current_task())
     return names
+
+
+@contextlib.asynccontextmanager
+async def cancellable_server(
+    handler: Callable[[Session], Awaitable[object]],
+) -> AsyncIterator[tuple[theta.Server, trio.CancelScope]]:
+    """``theta.serve`` in a nursery of its own, with the scope that stops it; the block
+    ends once the server has stopped (after the scope is cancelled)."""
+    async with trio.open_nursery() as nursery:
+        server_scope = trio.CancelScope()
+
+        async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
+            with server_scope:
+                await theta.serve(handler, "127.0.0.1", 0, server_config(), task_status=task_status)
+
+        server: theta.Server = await nursery.start(run_server)
+        yield server, server_scope

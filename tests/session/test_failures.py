@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import pytest
@@ -29,6 +28,7 @@ from theta.testing import LinkConditioner, LinkConditionerConfig
 
 from .helpers import (
     SessionEnds,
+    cancellable_server,
     certificate,
     client_config,
     echo,
@@ -277,25 +277,6 @@ async def test_handler_errors_beside_the_shutdown_do_not_escape_serve(
             closed = await session.wait_closed()
     assert closed.code == ErrorCode.GOING_AWAY
     assert any("handler failed" in record.message for record in caplog.records) == logged
-
-
-@contextlib.asynccontextmanager
-async def cancellable_server(
-    handler: Callable[[Session], Awaitable[object]],
-) -> AsyncIterator[tuple[theta.Server, trio.CancelScope]]:
-    """``theta.serve`` in a nursery of its own, with the scope that stops it; the block
-    ends once the server has stopped (after the scope is cancelled)."""
-    from .helpers import server_config
-
-    async with trio.open_nursery() as nursery:
-        server_scope = trio.CancelScope()
-
-        async def run_server(*, task_status: trio.TaskStatus[theta.Server]) -> None:
-            with server_scope:
-                await theta.serve(handler, "127.0.0.1", 0, server_config(), task_status=task_status)
-
-        server: theta.Server = await nursery.start(run_server)
-        yield server, server_scope
 
 
 async def test_the_blocks_own_exception_comes_out_of_connect_unchanged(

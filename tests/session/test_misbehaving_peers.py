@@ -12,7 +12,6 @@ import trio
 import trio.testing
 import zstandard
 
-import theta
 from theta import ErrorCode, Session, SessionClosed
 from theta._quic import (
     ConnectionClosedByPeer,
@@ -35,7 +34,7 @@ from theta.core import (
     schema_hash,
 )
 
-from .helpers import SessionEnds, certificate, echo, server_config, start_server
+from .helpers import SessionEnds, cancellable_server, certificate, echo, start_server
 
 
 @contextlib.asynccontextmanager
@@ -398,16 +397,11 @@ async def test_a_peer_trickling_after_its_close_is_cut_off(nursery: trio.Nursery
 async def test_cancelling_serve_says_going_away_to_a_client_still_handshaking() -> None:
     """A client between its hello and its confirm when the server shuts down is told
     GOING_AWAY at once (not left to its handshake timeout)."""
-    async with trio.open_nursery() as nursery:
-        serving = trio.CancelScope()
-
-        async def serve(*, task_status: trio.TaskStatus[theta.Server]) -> None:
-            with serving:
-                await theta.serve(echo, "127.0.0.1", 0, server_config(), task_status=task_status)
-
-        server: theta.Server = await nursery.start(serve)
-        async with raw_connection(server.port) as connection:
-            await handshake(connection, confirm=False)  # the server has answered the hello
-            serving.cancel()
-            with trio.fail_after(2):
-                assert await closed_code(connection) == ErrorCode.GOING_AWAY
+    async with (
+        cancellable_server(echo) as (server, serving),
+        raw_connection(server.port) as connection,
+    ):
+        await handshake(connection, confirm=False)  # the server has answered the hello
+        serving.cancel()
+        with trio.fail_after(2):
+            assert await closed_code(connection) == ErrorCode.GOING_AWAY
