@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from theta.core import (
     chunk_asset,
     max_chunk_data_for,
 )
+from theta.core._assets import DEFAULT_MAX_UNFINISHED_ASSETS
 
 if TYPE_CHECKING:
     from theta._config import ClientConfig, ServerConfig
@@ -31,8 +33,17 @@ __all__ = ["AssetChannel"]
 
 _PEER_FRAME_LIMIT = FrameLimits().assets  # chunks sent fit the spec's default limit
 
+DEFAULT_MAX_BUFFERED_ASSET_BYTES = 256 * 1024 * 1024
+"""The default ``max_buffered_asset_bytes`` of a session configuration."""
+
+# What a receiver with theta's defaults tracks of one sender's unfinished assets: sends of
+# several chunks wait for room rather than have the peer close the session.
+_PEER_MAX_UNFINISHED = DEFAULT_MAX_UNFINISHED_ASSETS
+_PEER_MAX_UNFINISHED_BYTES = DEFAULT_MAX_BUFFERED_ASSET_BYTES
+
 Progress = Callable[[int, int], object]
-"""``progress(bytes_sent, total_size)``, called after each chunk is handed to QUIC."""
+"""``progress(bytes_sent, total_size)``, called after each chunk is handed to QUIC (awaited
+when it returns an awaitable, e.g. an ``async def`` callback)."""
 
 
 class AssetChannel(DataChannel[AssetProgress]):
@@ -60,6 +71,8 @@ class AssetChannel(DataChannel[AssetProgress]):
         self._partial: dict[int, bytearray] = {}
         self._next_id = 1
         self._unfinished: set[int] = set()  # assets with some chunks written, not all
+        self._unfinished_cost: dict[int, int] = {}  # as the peer counts them: size + name
+        self._room = trio.Event()  # set when an unfinished asset completes
 
     def _max_chunk_data(self, name: str) -> int:
         # What the peer accepts is not known: the spec's default limit (this side's own
@@ -79,8 +92,11 @@ class AssetChannel(DataChannel[AssetProgress]):
         ``data`` is the whole asset (``total_size``, if given, must match), or an async
         iterable of pieces of any size adding up to ``total_size`` (required then;
         ``ValueError`` if the pieces do not add up, or if ``name`` leaves no room for data in
-        a frame within the spec's default assets limit). Chunks of concurrent sends
-        interleave.
+        a frame within the spec's default assets limit); an iterable's last chunk goes out
+        once it has ended, so one yielding too much delivers nothing. Chunks of concurrent
+        sends interleave; an asset of several chunks waits before its first while 64 of
+        this side's assets are unfinished, or while their sizes and this one's would pass
+        256 MiB (what a receiver with theta's defaults tracks).
         Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
         client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
         :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a
@@ -116,9 +132,16 @@ class AssetChannel(DataChannel[AssetProgress]):
         if total_size is None:
             raise ValueError("total_size is required when data is an async iterable")
         sender = AssetSender(asset_id, name, total_size, limit)
-        async for piece in data:
-            await self._send_chunks(sender.feed(piece), total_size, progress)
-        await self._send_chunks(sender.finish(), total_size, progress)
+        last: list[AssetChunk] = []  # sent once the iterable has ended: more data is an error
+        async with contextlib.AsyncExitStack() as stack:
+            if (aclose := getattr(data, "aclose", None)) is not None:
+                stack.push_async_callback(aclose)  # an async generator left early is closed
+            async for piece in data:
+                chunks = sender.feed(piece)
+                if sender.complete:
+                    chunks, last = chunks[:-1], chunks[-1:]
+                await self._send_chunks(chunks, total_size, progress)
+        await self._send_chunks([*last, *sender.finish()], total_size, progress)
         return asset_id
 
     async def _send_chunks(
@@ -128,17 +151,43 @@ class AssetChannel(DataChannel[AssetProgress]):
             last = chunk.offset + len(chunk.data) == chunk.total_size
             opening = chunk.offset == 0 and not last
             if opening:  # before the write: a finish() waiting for the channel must see it
+                cost = chunk.total_size + len(chunk.name.encode())
+                await self._wait_for_room(cost)
                 self._unfinished.add(chunk.asset_id)
+                self._unfinished_cost[chunk.asset_id] = cost
             try:
                 await self._send(chunk)
             except BaseException:
                 if opening:  # a failed send wrote nothing of the chunk
-                    self._unfinished.discard(chunk.asset_id)
+                    self._completed(chunk.asset_id)
                 raise
             if last:
-                self._unfinished.discard(chunk.asset_id)
+                self._completed(chunk.asset_id)
             if progress is not None:
-                progress(chunk.offset + len(chunk.data), total)
+                result = progress(chunk.offset + len(chunk.data), total)
+                if inspect.isawaitable(result):
+                    await result
+
+    async def _wait_for_room(self, cost: int) -> None:
+        """Wait until a receiver with theta's defaults can track one more unfinished asset
+        of ``cost`` (one too large for its budget alone goes when none is unfinished)."""
+        while self._unfinished and (
+            len(self._unfinished) >= _PEER_MAX_UNFINISHED
+            or sum(self._unfinished_cost.values()) + cost > _PEER_MAX_UNFINISHED_BYTES
+        ):
+            self._session._check_open()
+            await self._room.wait()
+
+    def _completed(self, asset_id: int) -> None:
+        if asset_id in self._unfinished:
+            self._unfinished.discard(asset_id)
+            del self._unfinished_cost[asset_id]
+            self._room.set()
+            self._room = trio.Event()
+
+    def _session_closed(self) -> None:
+        super()._session_closed()
+        self._room.set()  # waiting sends raise SessionClosed
 
     async def receive(self) -> Asset:
         """The next complete asset from the peer.
@@ -148,9 +197,17 @@ class AssetChannel(DataChannel[AssetProgress]):
         """
         while True:
             chunk = await self.receive_chunk()
-            if chunk.first and chunk.complete:
-                return Asset(chunk.asset_id, chunk.name, chunk.data)
-            buffer = self._partial.setdefault(chunk.asset_id, bytearray())
+            if chunk.first:
+                if chunk.complete:
+                    return Asset(chunk.asset_id, chunk.name, chunk.data)
+                self._partial[chunk.asset_id] = bytearray(chunk.data)
+                continue
+            buffer = self._partial.get(chunk.asset_id)
+            if buffer is None:
+                raise RuntimeError(
+                    f"asset {chunk.asset_id}: its first chunk was taken by receive_chunk();"
+                    " use either receive() or receive_chunk() on a channel, not both"
+                )
             buffer += chunk.data
             if chunk.complete:
                 del self._partial[chunk.asset_id]

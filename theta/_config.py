@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from theta._asset_channel import DEFAULT_MAX_BUFFERED_ASSET_BYTES
 from theta._quic import QuicConfig
 from theta._quic._certs import (
     load_certificates,
@@ -147,7 +148,7 @@ class _SessionConfig:
     asset_chunk_size: int = 64 * 1024
     """Data bytes per ``AssetChunk`` sent (capped so each frame fits the peer's default
     assets limit)."""
-    max_buffered_asset_bytes: int = 256 * 1024 * 1024
+    max_buffered_asset_bytes: int = DEFAULT_MAX_BUFFERED_ASSET_BYTES
     """Declared size of all unfinished incoming assets at once, their names' UTF-8 bytes
     included (``FRAME_TOO_LARGE`` beyond): bounds what :meth:`AssetChannel.receive` holds
     in memory."""

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import theta
+import theta._asset_channel
 from theta import ErrorCode, HandshakeRejected, Role, Session, SessionClosed, _client
 from theta._quic import ConnectionClosedByPeer, ConnectionStats, QuicConnection, QuicStream
 from theta.core import ClientHandshake, FrameLimits, HeartbeatMetrics, ReplicationMessage
@@ -220,6 +222,119 @@ async def test_streamed_asset_from_async_iterable(nursery: trio.Nursery) -> None
             await session.assets.send("stream.bin", produce(), total_size=sum(map(len, pieces)))  # type: ignore[arg-type]
             echoed = await session.assets.receive()
             assert echoed.data == b"".join(pieces)
+
+
+async def _send_concurrently_and_collect_echoes(
+    port: int, assets: dict[str, bytes]
+) -> dict[str, bytes]:
+    """Send every asset at once (1 KiB chunks) to an echo server; the assets echoed."""
+    with trio.fail_after(20):
+        async with theta.connect(
+            "127.0.0.1", port, client_config(asset_chunk_size=1024)
+        ) as session:
+            async with trio.open_nursery() as senders:
+                for name, data in assets.items():
+                    senders.start_soon(session.assets.send, name, data)
+            echoed = [await session.assets.receive() for _ in assets]
+    return {asset.name: asset.data for asset in echoed}
+
+
+async def test_more_concurrent_assets_than_a_receiver_tracks_wait_their_turn(
+    nursery: trio.Nursery,
+) -> None:
+    """A receiver with theta's defaults tracks 64 unfinished assets: the 65th of 70
+    concurrent sends starts once one is complete, instead of the session closing."""
+    server = await start_server(nursery, echo)
+    assets = {f"a{index}": os.urandom(3000) for index in range(70)}  # three chunks each
+    assert await _send_concurrently_and_collect_echoes(server.port, assets) == assets
+
+
+async def test_concurrent_assets_stay_within_a_receivers_byte_budget(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The declared sizes of unfinished assets stay within the budget a receiver with
+    default settings allows (made small here): sends beyond it wait."""
+    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED_BYTES", 10_000)
+    server = await start_server(nursery, echo, max_buffered_asset_bytes=10_000)
+    assets = {f"b{index}": os.urandom(4000) for index in range(6)}
+    assert await _send_concurrently_and_collect_echoes(server.port, assets) == assets
+
+
+async def test_a_send_waiting_for_room_ends_with_the_session(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED", 1)
+    server = await start_server(nursery, echo)
+    first_chunk_sent = trio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield bytes(2000)
+        first_chunk_sent.set()
+        await trio.sleep_forever()
+
+    async def send_stalled(session: Session) -> None:
+        with contextlib.suppress(SessionClosed):
+            await session.assets.send("stalled", stalled(), total_size=4000)
+
+    with trio.fail_after(10):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(asset_chunk_size=1024)
+        ) as session:
+            nursery.start_soon(send_stalled, session)
+            await first_chunk_sent.wait()
+            async with trio.open_nursery() as closer:
+                closer.start_soon(session.close)
+                with pytest.raises(SessionClosed):
+                    await session.assets.send("waiting", bytes(3000))
+
+
+async def test_an_iterable_yielding_more_than_total_size_delivers_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    """The asset is complete only once the iterable has ended: bytes beyond total_size
+    raise ValueError before the last chunk goes out, so a retry cannot deliver it twice."""
+    server = await start_server(nursery, echo)
+
+    async def too_much() -> AsyncIterator[bytes]:
+        yield b"a" * 10
+        yield b"b" * 5
+
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            with pytest.raises(ValueError, match="15 bytes fed exceed its total_size of 10"):
+                await session.assets.send("too-much", too_much(), total_size=10)
+            await session.assets.send("after", b"x")
+            assert (await session.assets.receive()).name == "after"
+
+
+async def test_an_async_progress_callback_is_awaited(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, echo)
+    reported: list[int] = []
+
+    async def progress(sent: int, total: int) -> None:
+        await trio.lowlevel.checkpoint()
+        reported.append(sent)
+
+    with trio.fail_after(10):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(asset_chunk_size=1024)
+        ) as session:
+            await session.assets.send("p", bytes(2500), progress=progress)
+    assert reported == [1024, 2048, 2500]
+
+
+async def test_receive_refuses_an_asset_whose_first_chunk_receive_chunk_took(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, echo, asset_chunk_size=1024)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, client_config()) as session:
+            await session.assets.send("two", bytes(2000))
+            first = await session.assets.receive_chunk()
+            assert first.first
+            assert not first.complete
+            with pytest.raises(RuntimeError, match="first chunk was taken by receive_chunk"):
+                await session.assets.receive()
 
 
 async def test_replication_round_trip_with_compression(nursery: trio.Nursery) -> None:
