@@ -451,3 +451,13 @@ def test_an_unresolvable_host_is_reported_as_such() -> None:
         EXIT_TRANSPORT,
         "cannot resolve the host name: Name or service not known",
     )
+
+
+def test_a_role_refusal_is_a_failure_not_a_connection_error() -> None:
+    from theta._cli._common import EXIT_FAILURE, describe
+
+    error = PermissionError("role <Role.UPLOAD_ASSETS: 2> may not send replication messages")
+    assert describe(error) == (
+        EXIT_FAILURE,
+        "not permitted: role <Role.UPLOAD_ASSETS: 2> may not send replication messages",
+    )

@@ -49,16 +49,16 @@ async def connect(
     Establishing means resolving ``host``, QUIC + TLS, the signed handshake and the
     replication and assets channels, all within ``config.handshake_timeout``; each address
     ``host`` resolves to is tried in turn while the host answers that nothing listens
-    there. Raises :class:`HandshakeRejected`
-    (the server's code, reason, version and schema hash), :class:`HandshakeFailed` (e.g. a
-    bad signature), :class:`HandshakeTimeout` (:class:`ServerUnreachable` when nothing
-    answered at that address, or the host said nothing listens there), or the
-    transport's error (e.g. the certificate was refused); ``OSError`` if ``ca_certs`` or
+    there. Raises :class:`HandshakeRejected` (the server's code, reason, version and schema
+    hash), :class:`HandshakeFailed` (e.g. a bad signature), :class:`HandshakeTimeout`
+    (:class:`ServerUnreachable` when nothing answered at that address, or the host said
+    nothing listens there), or the transport's error (e.g. the certificate was refused);
+    ``socket.gaierror`` if ``host`` does not resolve, ``OSError`` if ``ca_certs`` or
     ``key_log_file`` cannot be read or written, ``ValueError`` if the ``ca_certs`` file
-    holds no usable certificate. Leaving the block closes the
-    session gracefully (``NO_ERROR``; ``INTERNAL_ERROR`` if the block raised an exception,
-    which then comes out unchanged; ``GOING_AWAY`` if it was cancelled) and stops all its
-    tasks. ``port`` must be an ``int`` in 1..65535.
+    holds no usable certificate. Leaving the block closes the session gracefully
+    (``NO_ERROR``; ``INTERNAL_ERROR`` if the block raised an exception, which then comes out
+    unchanged; ``GOING_AWAY`` if it was cancelled) and stops all its tasks. ``port`` must be
+    an ``int`` in 1..65535.
     """
     check_port(port, allow_zero=False)
     config = config or ClientConfig()

@@ -25,6 +25,7 @@ from theta._errors import SessionClosed
 from theta._framed import FramedStream
 from theta._groups import only_session_closed, split_cancelled
 from theta._quic import (
+    QUIC_INTERNAL_ERROR,
     ConnectionClosedByPeer,
     IdleTimeout,
     QuicConnection,
@@ -65,7 +66,6 @@ T = TypeVar("T")
 # A SessionClose alone, and any close with an error code, is waited for at most
 # _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
-_QUIC_INTERNAL_ERROR = 0x1  # the QUIC transport code
 _MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 
 
@@ -415,7 +415,7 @@ class Session:
                 # Theta code nearest to it, and the QUIC code in the reason.
                 code = (
                     ErrorCode.INTERNAL_ERROR
-                    if error.code == _QUIC_INTERNAL_ERROR
+                    if error.code == QUIC_INTERNAL_ERROR
                     else ErrorCode.PROTOCOL_VIOLATION
                 )
                 by_peer = isinstance(error, TransportError) and error.by_peer

@@ -9,7 +9,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from theta import (
     SessionClosed,
     TransportError,
 )
+from theta._groups import leaves
 from theta.core._assets import DEFAULT_MAX_ASSET_SIZE
 
 __all__ = [
@@ -318,24 +319,16 @@ def configure_logging(*, verbose: bool, level: int) -> None:
     logging.getLogger("quic").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
 def describe(error: BaseException) -> tuple[int, str]:
     """The exit code and one-line message for an exception that ended a command."""
-    leaves = [leaf for leaf in _leaves(error) if not isinstance(leaf, trio.Cancelled)] or [error]
-    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    found = [leaf for leaf in leaves(error) if not isinstance(leaf, trio.Cancelled)] or [error]
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):
         return EXIT_INTERRUPTED, "interrupted"
-    error = leaves[0]
+    error = found[0]
     code, message = EXIT_FAILURE, f"{type(error).__name__}: {error}"
     if isinstance(error, CommandFailed):
         code, message = error.code, error.message
@@ -356,6 +349,8 @@ def describe(error: BaseException) -> tuple[int, str]:
             message = f"{message} (TLS {alert})"
     elif isinstance(error, SessionClosed):
         code, message = EXIT_TRANSPORT, str(error)
+    elif isinstance(error, PermissionError) and error.errno is None:  # a role, not a file
+        code, message = EXIT_FAILURE, f"not permitted: {error}"
     elif isinstance(error, socket.gaierror):
         code, message = EXIT_TRANSPORT, f"cannot resolve the host name: {error.strerror or error}"
     elif isinstance(error, trio.BrokenResourceError | OSError):

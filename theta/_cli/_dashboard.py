@@ -141,7 +141,7 @@ def summary(
         f"summary after {duration:.1f} s:",
         f"  replication  {traffic.messages_out} messages sent ({rate:.1f}/s,"
         f" {_si(traffic.payload_out)}B), {traffic.messages_in} echoed back"
-        f" ({traffic.mismatches} mismatched)",
+        f" ({_si(traffic.payload_in)}B, {traffic.mismatches} mismatched)",
         f"  assets       {traffic.assets_out} sent ({_si(traffic.asset_bytes_out)}B),"
         f" {traffic.assets_in} echoed back ({_si(traffic.asset_bytes_in)}B,"
         f" {traffic.asset_mismatches} mismatched)",

@@ -11,6 +11,7 @@ from ._certs import SelfSignedCertificate, generate_self_signed_certificate
 from ._config import ALPN, QuicConfig, check_port
 from ._connection import QuicConnection, truncate_utf8
 from ._errors import (
+    QUIC_INTERNAL_ERROR,
     ConnectionClosedByPeer,
     ConnectionRefused,
     HandshakeTimeout,
@@ -26,6 +27,7 @@ from ._stream import QuicStream
 
 __all__ = [
     "ALPN",
+    "QUIC_INTERNAL_ERROR",
     "ConnectionClosedByPeer",
     "ConnectionHandler",
     "ConnectionRefused",

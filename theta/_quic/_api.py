@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from theta._groups import single_error
-
 from . import _engine
 from ._config import QuicConfig, check_port
 from ._connection import QuicConnection
 from ._endpoint import Address, UdpEndpoint, open_udp_socket
-from ._errors import ConnectionRefused, NameResolutionTimeout
+from ._errors import QUIC_INTERNAL_ERROR, ConnectionRefused, NameResolutionTimeout
+from ._groups import single_error
 from ._retry import RetryTokens
 
 logger = logging.getLogger("theta.quic")
@@ -32,7 +31,6 @@ ConnectionHandler = Callable[[QuicConnection], Awaitable[None]]
 """A server's per-connection coroutine function."""
 
 _HANDLER_FAILED = 0x1
-_INTERNAL_ERROR = 0x1  # QUIC's code for a failure that did not come from the wire
 
 
 async def _resolve(host: str, port: int, deadline: float) -> list[tuple[int, Address]]:
@@ -45,9 +43,9 @@ async def _resolve(host: str, port: int, deadline: float) -> list[tuple[int, Add
             if (int(family), tuple(sockaddr)) not in addresses:
                 addresses.append((int(family), tuple(sockaddr)))
         if not addresses:
-            raise OSError(f"cannot resolve {host!r}")
+            raise socket.gaierror(socket.EAI_NONAME, f"no address for {host!r}")
         return addresses
-    raise NameResolutionTimeout(_INTERNAL_ERROR, f"resolving {host!r} did not complete in time")
+    raise NameResolutionTimeout(QUIC_INTERNAL_ERROR, f"resolving {host!r} did not complete in time")
 
 
 @contextlib.asynccontextmanager

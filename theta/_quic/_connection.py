@@ -31,6 +31,7 @@ import trio
 from . import _engine
 from ._config import QuicConfig
 from ._errors import (
+    QUIC_INTERNAL_ERROR,
     ConnectionClosedByPeer,
     ConnectionRefused,
     HandshakeTimeout,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("theta.quic")
 
 _INBOX_LIMIT = 4096  # datagrams queued per connection before the endpoint drops
-_INTERNAL_ERROR = 0x1
 _MAX_REASON_BYTES = 200  # of a CONNECTION_CLOSE reason phrase
 _TIMER_STEP = 1e-6  # seconds
 _COALESCE_PASSES = 32  # scheduler passes a transmit may wait for writers still writing
@@ -515,7 +515,7 @@ class QuicConnection:
         handshake is in progress (afterwards such messages could be forged to kill a live
         connection, and QUIC's own timers decide)."""
         if not self.handshake_complete.is_set():
-            self._terminate(ConnectionRefused(_INTERNAL_ERROR, "connection refused"))
+            self._terminate(ConnectionRefused(QUIC_INTERNAL_ERROR, "connection refused"))
 
     def _drop_undecryptable(self) -> None:
         """A server connection whose first datagrams held no packet that decrypts: forged
@@ -524,7 +524,9 @@ class QuicConnection:
         decrypt can still be built by anyone, from any address, until the server asks for
         address validation (``QuicConfig.address_validation``)."""
         self._endpoint.dropped_datagrams += self._datagrams_received
-        self._terminate(TransportError(_INTERNAL_ERROR, "no packet of the first datagram decrypts"))
+        self._terminate(
+            TransportError(QUIC_INTERNAL_ERROR, "no packet of the first datagram decrypts")
+        )
         if self.on_undecryptable is not None:
             self.on_undecryptable()
 
@@ -532,12 +534,12 @@ class QuicConnection:
         self._tell_peer_nowait(0, "handshake timed out")
         answered = self._datagrams_received > 0
         reason = "handshake timed out" if answered else "no answer from the peer"
-        self._terminate(HandshakeTimeout(_INTERNAL_ERROR, reason, peer_answered=answered))
+        self._terminate(HandshakeTimeout(QUIC_INTERNAL_ERROR, reason, peer_answered=answered))
 
     def _fail_engine(self, exc: BaseException) -> None:
         logger.warning("QUIC engine error, closing connection: %r", exc)
-        self._tell_peer_nowait(_INTERNAL_ERROR, "internal error", transport=True)
-        self._terminate(TransportError(_INTERNAL_ERROR, f"engine error: {exc!r}"))
+        self._tell_peer_nowait(QUIC_INTERNAL_ERROR, "internal error", transport=True)
+        self._terminate(TransportError(QUIC_INTERNAL_ERROR, f"engine error: {exc!r}"))
 
     def _tell_peer_nowait(self, code: int, reason: str, *, transport: bool = False) -> None:
         """Best effort, before ending the connection without the engine's closing period:

@@ -34,7 +34,7 @@ from aioquic.quic import events as _events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import Limit as _Limit
 from aioquic.quic.connection import QuicConnection as _AioquicConnection
-from aioquic.quic.connection import QuicConnectionError, QuicConnectionState, QuicNetworkPath
+from aioquic.quic.connection import QuicConnectionState, QuicNetworkPath
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
@@ -65,10 +65,12 @@ __all__ = [
     "StreamDataReceived",
     "StreamReset",
     "build_configuration",
+    "create_connection",
     "parse_header_untrusted",
     "release_configuration",
     "retry_packet",
     "short_header_destination",
+    "termination_kind",
     "version_negotiation_reply",
 ]
 
@@ -90,7 +92,7 @@ StreamReset = _events.StreamReset
 #: broken" and closes only that connection.
 ENGINE_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
-#: Error code aioquic reports when it closes a connection itself on idle timeout.
+#: The reason aioquic gives when it closes a connection itself on idle timeout.
 _IDLE_TIMEOUT_REASON = "Idle timeout"
 
 # Key shares a client offers. aioquic generates one for every group it supports
@@ -565,6 +567,3 @@ def termination_kind(event: ConnectionTerminated) -> str:
     if event.frame_type == QuicFrameType.PADDING and event.reason_phrase == _IDLE_TIMEOUT_REASON:
         return "idle"
     return "transport"
-
-
-__all__ += ["QuicConnectionError", "create_connection", "termination_kind"]

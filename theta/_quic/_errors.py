@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import trio
 
+QUIC_INTERNAL_ERROR = 0x1
+"""QUIC's INTERNAL_ERROR transport code: a failure that did not come from the wire."""
+
 
 class QuicConnectionError(trio.BrokenResourceError):
     """The QUIC connection is gone; ``code`` and ``reason`` say why."""
