@@ -12,6 +12,7 @@ import trio
 from theta._channel import DataChannel, ReceiveIterator
 from theta._framed import FramedStream
 from theta.core import (
+    DEFAULT_MAX_UNFINISHED_ASSETS,
     Asset,
     AssetAssembler,
     AssetChunk,
@@ -23,7 +24,6 @@ from theta.core import (
     chunk_asset,
     max_chunk_data_for,
 )
-from theta.core._assets import DEFAULT_MAX_UNFINISHED_ASSETS
 
 if TYPE_CHECKING:
     from theta._config import ClientConfig, ServerConfig

@@ -13,20 +13,21 @@ from types import MappingProxyType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from theta._asset_channel import DEFAULT_MAX_BUFFERED_ASSET_BYTES
-from theta._quic import QuicConfig
-from theta._quic._certs import (
+from theta._quic import (
+    QuicConfig,
     load_certificates,
     load_private_key,
     load_server_credentials,
     pem_bytes,
 )
-from theta._replication_channel import _FRAME_OVERHEAD as _REPLICATION_FRAME_OVERHEAD
 from theta.core import (
     CAP_ZSTD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_ASSET_SIZE,
     PROTOCOL_VERSION,
+    REPLICATION_FRAME_OVERHEAD,
     Authenticator,
     FrameLimits,
     Role,
@@ -142,8 +143,8 @@ class _SessionConfig:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     frame_limits: FrameLimits = dataclasses.field(default_factory=FrameLimits)
     """Largest frame payload accepted per channel (spec section 3). Replication payloads
-    sent are bounded by the replication limit less 84 bytes of frame overhead."""
-    max_asset_size: int = 64 * 1024 * 1024
+    sent are bounded by the replication limit less ``REPLICATION_FRAME_OVERHEAD`` (84 bytes)."""
+    max_asset_size: int = DEFAULT_MAX_ASSET_SIZE
     """Largest asset accepted (``FRAME_TOO_LARGE`` beyond)."""
     asset_chunk_size: int = 64 * 1024
     """Data bytes per ``AssetChunk`` sent (capped so each frame fits the peer's default
@@ -194,9 +195,9 @@ class _SessionConfig:
             raise ValueError("heartbeat_interval must be shorter than heartbeat_timeout")
         if not isinstance(self.frame_limits, FrameLimits):
             raise TypeError(f"frame_limits must be a FrameLimits, not {self.frame_limits!r}")
-        if self.frame_limits.replication <= _REPLICATION_FRAME_OVERHEAD:
+        if self.frame_limits.replication <= REPLICATION_FRAME_OVERHEAD:
             raise ValueError(
-                f"frame_limits.replication must be above {_REPLICATION_FRAME_OVERHEAD} (the"
+                f"frame_limits.replication must be above {REPLICATION_FRAME_OVERHEAD} (the"
                 " frame bytes around a replication payload), not"
                 f" {self.frame_limits.replication}"
             )

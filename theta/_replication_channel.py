@@ -9,12 +9,12 @@ from theta._channel import DataChannel, ReceiveIterator
 from theta._framed import FramedStream
 from theta.core import (
     CAP_ZSTD,
+    REPLICATION_FRAME_OVERHEAD,
     Message,
     ReplicationMessage,
     ReplicationReceiver,
     ReplicationSender,
     Role,
-    encode_frame,
 )
 
 if TYPE_CHECKING:
@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from theta._session import Session
 
 __all__ = ["ReplicationChannel"]
-
-# Frame bytes around a replication payload, at most (largest scalars, alignment padding).
-_FRAME_OVERHEAD = len(encode_frame(ReplicationMessage(2**64 - 1, 2**32 - 1, b"", 2**32 - 1))) + 8
 
 
 class ReplicationChannel(DataChannel[ReplicationMessage]):
@@ -47,7 +44,8 @@ class ReplicationChannel(DataChannel[ReplicationMessage]):
         super().__init__(session, framed, config.receive_queue, config.receive_queue_bytes)
         zstd = CAP_ZSTD in session.negotiated_capabilities
         self._sender = ReplicationSender(
-            zstd_negotiated=zstd, max_payload=config.frame_limits.replication - _FRAME_OVERHEAD
+            zstd_negotiated=zstd,
+            max_payload=config.frame_limits.replication - REPLICATION_FRAME_OVERHEAD,
         )
         self._receiver = ReplicationReceiver(
             zstd_negotiated=zstd, max_payload=config.frame_limits.replication

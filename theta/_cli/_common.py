@@ -25,7 +25,7 @@ from theta import (
     TransportError,
 )
 from theta._groups import leaves
-from theta.core._assets import DEFAULT_MAX_ASSET_SIZE
+from theta.core import DEFAULT_MAX_ASSET_SIZE
 
 __all__ = [
     "EXIT_CODES_HELP",

@@ -7,7 +7,14 @@ the exceptions. Nothing outside ``_engine`` imports the QUIC engine.
 """
 
 from ._api import ConnectionHandler, QuicServer, open_quic_connection, serve_quic
-from ._certs import SelfSignedCertificate, generate_self_signed_certificate
+from ._certs import (
+    SelfSignedCertificate,
+    generate_self_signed_certificate,
+    load_certificates,
+    load_private_key,
+    load_server_credentials,
+    pem_bytes,
+)
 from ._config import ALPN, QuicConfig, check_port
 from ._connection import QuicConnection, truncate_utf8
 from ._errors import (
@@ -47,7 +54,11 @@ __all__ = [
     "TransportError",
     "check_port",
     "generate_self_signed_certificate",
+    "load_certificates",
+    "load_private_key",
+    "load_server_credentials",
     "open_quic_connection",
+    "pem_bytes",
     "serve_quic",
     "truncate_utf8",
 ]

@@ -5,6 +5,8 @@ sockets, and never reads a clock: every method that needs the time takes ``now``
 """
 
 from ._assets import (
+    DEFAULT_MAX_ASSET_SIZE,
+    DEFAULT_MAX_UNFINISHED_ASSETS,
     Asset,
     AssetAssembler,
     AssetCollector,
@@ -61,6 +63,7 @@ from ._messages import (
 )
 from ._replication import (
     FLAG_ZSTD,
+    REPLICATION_FRAME_OVERHEAD,
     ReplicationReceiver,
     ReplicationSender,
     ReplicationStats,
@@ -80,9 +83,12 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAX_ASSET_SIZE",
+    "DEFAULT_MAX_UNFINISHED_ASSETS",
     "DEFAULT_RTT_WINDOW",
     "FLAG_ZSTD",
     "PROTOCOL_VERSION",
+    "REPLICATION_FRAME_OVERHEAD",
     "Asset",
     "AssetAssembler",
     "AssetChunk",

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from ._encode import encode_frame
 from ._errors import MalformedFrame, ProtocolViolation
 from ._messages import ReplicationMessage
 
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_ZSTD_LEVEL",
     "DEFAULT_ZSTD_MIN_SIZE",
     "FLAG_ZSTD",
+    "REPLICATION_FRAME_OVERHEAD",
     "ReplicationReceiver",
     "ReplicationSender",
     "ReplicationStats",
@@ -67,6 +69,12 @@ bytes, so compressing tiny payloads rarely pays."""
 
 DEFAULT_MAX_REPLICATION_PAYLOAD = 1024 * 1024
 """Default limit of a replication payload, compressed or not (the channel's frame limit)."""
+
+REPLICATION_FRAME_OVERHEAD = (
+    len(encode_frame(ReplicationMessage(2**64 - 1, 2**32 - 1, b"", 2**32 - 1))) + 8
+)
+"""The most frame bytes around a replication payload (largest scalars, alignment padding):
+a payload of the replication frame limit less this always fits in a frame."""
 
 _U32_MAX = 2**32 - 1
 _MIN_WINDOW = 8 * 1024 * 1024
