@@ -64,6 +64,7 @@ class AssetChannel(DataChannel[AssetProgress]):
     ) -> None:
         super().__init__(session, framed, config.receive_queue, config.receive_queue_bytes)
         self._chunk_size = config.asset_chunk_size
+        self._frame_limit = min(config.frame_limits.assets, _PEER_FRAME_LIMIT)
         self._assembler = AssetAssembler(
             max_asset_size=config.max_asset_size,
             max_unfinished_bytes=config.max_buffered_asset_bytes,
@@ -75,9 +76,9 @@ class AssetChannel(DataChannel[AssetProgress]):
         self._room = trio.Event()  # set when an unfinished asset completes
 
     def _max_chunk_data(self, name: str) -> int:
-        # What the peer accepts is not known: the spec's default limit (this side's own
-        # limit says what it receives).
-        return min(self._chunk_size, max_chunk_data_for(_PEER_FRAME_LIMIT, name))
+        # What the peer accepts is not known: within the spec's default limit, and within
+        # this side's own when lower (the limits of a deployment are often set alike).
+        return min(self._chunk_size, max_chunk_data_for(self._frame_limit, name))
 
     async def send(
         self,
@@ -92,11 +93,11 @@ class AssetChannel(DataChannel[AssetProgress]):
         ``data`` is the whole asset (``total_size``, if given, must match), or an async
         iterable of pieces of any size adding up to ``total_size`` (required then;
         ``ValueError`` if the pieces do not add up, or if ``name`` leaves no room for data in
-        a frame within the spec's default assets limit); an iterable's last chunk goes out
-        once it has ended, so one yielding too much delivers nothing. Chunks of concurrent
-        sends interleave; an asset of several chunks waits before its first while 64 of
-        this side's assets are unfinished, or while their sizes and this one's would pass
-        256 MiB (what a receiver with theta's defaults tracks).
+        a frame within the spec's default assets limit and this side's own); an iterable's
+        last chunk goes out once it has ended, so one yielding too much delivers nothing.
+        Chunks of concurrent sends interleave; an asset of several chunks waits before its
+        first while 64 of this side's assets are unfinished, or while their sizes and this
+        one's would pass 256 MiB (what a receiver with theta's defaults tracks).
         Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
         client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
         :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a

@@ -32,6 +32,7 @@ from theta.core import (
     FrameLimits,
     Role,
     SessionAcknowledge,
+    SessionClose,
     SessionHello,
     canonical_manifest,
     encode_frame,
@@ -97,8 +98,12 @@ _LARGEST_HELLO = (
     - 4
 )
 
-# The payload of the largest legal SessionAcknowledge (the 64 capabilities a client may
-# request, all granted): the smallest control frame limit a client can complete with.
+MAX_CLOSE_REASON = 1024
+"""Bytes of UTF-8 a ``SessionClose`` reason is cut to when theta sends one."""
+
+# The smallest control frame limit a client can take a theta server's frames with: the
+# largest legal SessionAcknowledge (the 64 capabilities a client may request, all
+# granted) or SessionClose (a reason of MAX_CLOSE_REASON bytes), whichever is larger.
 _LARGEST_ACKNOWLEDGE = (
     len(
         encode_frame(
@@ -115,6 +120,9 @@ _LARGEST_ACKNOWLEDGE = (
         )
     )
     - 4
+)
+_SMALLEST_CLIENT_CONTROL_LIMIT = max(
+    _LARGEST_ACKNOWLEDGE, len(encode_frame(SessionClose(0xFFFF, "x" * MAX_CLOSE_REASON))) - 4
 )
 
 
@@ -147,8 +155,9 @@ class _SessionConfig:
     max_asset_size: int = DEFAULT_MAX_ASSET_SIZE
     """Largest asset accepted (``FRAME_TOO_LARGE`` beyond)."""
     asset_chunk_size: int = 64 * 1024
-    """Data bytes per ``AssetChunk`` sent (capped so each frame fits the peer's default
-    assets limit)."""
+    """Data bytes per ``AssetChunk`` sent (capped so each frame fits the spec's default
+    assets limit and this side's own ``frame_limits.assets``: a peer with a lower limit
+    needs this set below it)."""
     max_buffered_asset_bytes: int = DEFAULT_MAX_BUFFERED_ASSET_BYTES
     """Declared size of all unfinished incoming assets at once, their names' UTF-8 bytes
     included (``FRAME_TOO_LARGE`` beyond): bounds what :meth:`AssetChannel.receive` holds
@@ -261,10 +270,11 @@ class ClientConfig(_SessionConfig):
                 f"capabilities must hold at most {MAX_CAPABILITIES} values,"
                 f" not {len(self.capabilities)}"
             )
-        if self.frame_limits.control < _LARGEST_ACKNOWLEDGE:
+        if self.frame_limits.control < _SMALLEST_CLIENT_CONTROL_LIMIT:
             raise ValueError(
-                f"frame_limits.control must be at least {_LARGEST_ACKNOWLEDGE} (the largest"
-                f" SessionAcknowledge a server may send), not {self.frame_limits.control}"
+                f"frame_limits.control must be at least {_SMALLEST_CLIENT_CONTROL_LIMIT} (the"
+                " largest SessionAcknowledge or SessionClose a theta server sends), not"
+                f" {self.frame_limits.control}"
             )
         if not isinstance(self.auth_token, bytes | bytearray | memoryview):
             raise TypeError(f"auth_token must be bytes-like, not {type(self.auth_token).__name__}")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import trio
 
 from theta._asset_channel import AssetChannel
+from theta._config import MAX_CLOSE_REASON
 from theta._diagnostics import DiagnosticsWatch, TransportDiagnostics
 from theta._errors import SessionClosed
 from theta._framed import FramedStream
@@ -66,7 +67,6 @@ T = TypeVar("T")
 # A SessionClose alone, and any close with an error code, is waited for at most
 # _CLOSE_GRACE.
 _CLOSE_GRACE = 1.0
-_MAX_REASON = 1024  # bytes of SessionClose.reason (well under any control frame limit)
 
 
 class Session:
@@ -234,7 +234,7 @@ class Session:
         code = int(code)
         if not 0 <= code <= 0xFFFF:
             raise ValueError(f"close code {code} is not an unsigned 16-bit value")
-        reason = truncate_utf8(reason, _MAX_REASON)
+        reason = truncate_utf8(reason, MAX_CLOSE_REASON)
         if self._closed is None and self._connection.error is not None:
             # The connection ended before the session's tasks saw it (a send may already
             # have reported the peer's close): that, not this close, is how it ended.

@@ -89,9 +89,9 @@ def test_server_configuration_refuses(
         ({"ca_certs": _PEM_TEXT}, TypeError, r"ca_certs holds PEM text as a str"),
         ({"ca_certs": _OTHER.private_key_pem}, ValueError, "ca_certs: no usable PEM"),
         (
-            {"frame_limits": FrameLimits(control=487)},
+            {"frame_limits": FrameLimits(control=1079)},
             ValueError,
-            r"frame_limits\.control must be at least 488 \(the largest SessionAcknowledge",
+            r"frame_limits\.control must be at least 1080 \(the largest SessionAcknowledge or",
         ),
     ],
 )

@@ -1019,15 +1019,38 @@ async def test_the_smallest_control_limit_allowed_takes_the_largest_hello(
             assert (await session.replication.receive()).payload == b"in"
 
 
-async def test_the_smallest_client_control_limit_allowed_takes_the_largest_acknowledge(
+async def test_the_smallest_client_control_limit_takes_the_largest_frames_servers_send(
     nursery: trio.Nursery,
 ) -> None:
+    """The largest SessionAcknowledge (64 capabilities granted) and the largest SessionClose
+    (a reason cut to 1 KiB) both fit the smallest control limit a client accepts."""
+
+    async def close_with_a_long_reason(session: Session) -> None:
+        await session.close(ErrorCode.GOING_AWAY, "é" * 1000)
+
     capabilities = range(2**32 - 64, 2**32)  # all 64 granted
-    server = await start_server(nursery, echo, capabilities=capabilities)
-    config = client_config(capabilities=capabilities, frame_limits=FrameLimits(control=488))
+    server = await start_server(nursery, close_with_a_long_reason, capabilities=capabilities)
+    config = client_config(capabilities=capabilities, frame_limits=FrameLimits(control=1080))
     with trio.fail_after(5):
         async with theta.connect("127.0.0.1", server.port, config) as session:
             assert len(session.negotiated_capabilities) == 64
+            closed = await session.wait_closed()
+    assert (closed.code, closed.by_peer) == (ErrorCode.GOING_AWAY, True)
+    assert closed.reason == "é" * 512
+
+
+async def test_chunks_fit_a_lower_assets_limit_set_alike_on_both_sides(
+    nursery: trio.Nursery,
+) -> None:
+    limits = FrameLimits(assets=64 * 1024)  # below a default chunk and its frame
+    server = await start_server(nursery, echo, frame_limits=limits)
+    with trio.fail_after(10):
+        async with theta.connect(
+            "127.0.0.1", server.port, client_config(frame_limits=limits)
+        ) as session:
+            await session.assets.send("a", bytes(200_000))
+            echoed = await session.assets.receive()
+    assert echoed.data == bytes(200_000)
 
 
 async def test_chunks_fit_the_peers_default_limit_whatever_this_sides_limit(
