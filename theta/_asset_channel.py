@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
@@ -46,6 +47,16 @@ Progress = Callable[[int, int], object]
 when it returns an awaitable, e.g. an ``async def`` callback)."""
 
 
+class _RoomWaiter:
+    """A send waiting for room for an unfinished asset of ``cost`` bytes."""
+
+    __slots__ = ("cost", "event")
+
+    def __init__(self, cost: int) -> None:
+        self.cost = cost
+        self.event = trio.Event()
+
+
 class AssetChannel(DataChannel[AssetProgress]):
     """Send assets and receive them whole (:meth:`receive`) or chunk by chunk
     (:meth:`receive_chunk`, for assets too large to hold) — use one style per session.
@@ -72,8 +83,11 @@ class AssetChannel(DataChannel[AssetProgress]):
         self._partial: dict[int, bytearray] = {}
         self._next_id = 1
         self._unfinished: set[int] = set()  # assets with some chunks written, not all
+        # The peer's view of them, for the sends that must wait for room (in turn).
         self._unfinished_cost: dict[int, int] = {}  # as the peer counts them: size + name
-        self._room = trio.Event()  # set when an unfinished asset completes
+        self._unfinished_total = 0
+        self._budget = min(config.max_buffered_asset_bytes, _PEER_MAX_UNFINISHED_BYTES)
+        self._waiting: collections.deque[_RoomWaiter] = collections.deque()
 
     def _max_chunk_data(self, name: str) -> int:
         # What the peer accepts is not known: within the spec's default limit, and within
@@ -95,9 +109,11 @@ class AssetChannel(DataChannel[AssetProgress]):
         ``ValueError`` if the pieces do not add up, or if ``name`` leaves no room for data in
         a frame within the spec's default assets limit and this side's own); an iterable's
         last chunk goes out once it has ended, so one yielding too much delivers nothing.
-        Chunks of concurrent sends interleave; an asset of several chunks waits before its
+        An async generator left early (an error, a cancellation) is closed. Chunks of
+        concurrent sends interleave; an asset of several chunks waits, in turn, before its
         first while 64 of this side's assets are unfinished, or while their sizes and this
-        one's would pass 256 MiB (what a receiver with theta's defaults tracks).
+        one's would pass 256 MiB or this side's ``max_buffered_asset_bytes`` if lower (what
+        a receiver with theta's defaults, or with the same budget, tracks).
         Raises :class:`SessionClosed` once the session is over, ``PermissionError`` if this
         client's role lacks ``UPLOAD_ASSETS``, ``trio.ClosedResourceError`` after
         :meth:`finish`. An asset whose send stops half-way (an error, a cancellation, a
@@ -134,14 +150,16 @@ class AssetChannel(DataChannel[AssetProgress]):
             raise ValueError("total_size is required when data is an async iterable")
         sender = AssetSender(asset_id, name, total_size, limit)
         last: list[AssetChunk] = []  # sent once the iterable has ended: more data is an error
-        async with contextlib.AsyncExitStack() as stack:
-            if (aclose := getattr(data, "aclose", None)) is not None:
-                stack.push_async_callback(aclose)  # an async generator left early is closed
+        try:
             async for piece in data:
                 chunks = sender.feed(piece)
-                if sender.complete:
+                if chunks and sender.complete:  # this piece completed the asset
                     chunks, last = chunks[:-1], chunks[-1:]
                 await self._send_chunks(chunks, total_size, progress)
+        except BaseException:
+            if inspect.isasyncgen(data):  # left early: it is ours to finalize
+                await data.aclose()
+            raise
         await self._send_chunks([*last, *sender.finish()], total_size, progress)
         return asset_id
 
@@ -156,39 +174,64 @@ class AssetChannel(DataChannel[AssetProgress]):
                 await self._wait_for_room(cost)
                 self._unfinished.add(chunk.asset_id)
                 self._unfinished_cost[chunk.asset_id] = cost
+                self._unfinished_total += cost
             try:
                 await self._send(chunk)
             except BaseException:
                 if opening:  # a failed send wrote nothing of the chunk
-                    self._completed(chunk.asset_id)
+                    self._release(chunk.asset_id)
                 raise
             if last:
-                self._completed(chunk.asset_id)
+                self._release(chunk.asset_id)
             if progress is not None:
                 result = progress(chunk.offset + len(chunk.data), total)
                 if inspect.isawaitable(result):
                     await result
 
-    async def _wait_for_room(self, cost: int) -> None:
-        """Wait until a receiver with theta's defaults can track one more unfinished asset
-        of ``cost`` (one too large for its budget alone goes when none is unfinished)."""
-        while self._unfinished and (
-            len(self._unfinished) >= _PEER_MAX_UNFINISHED
-            or sum(self._unfinished_cost.values()) + cost > _PEER_MAX_UNFINISHED_BYTES
-        ):
-            self._session._check_open()
-            await self._room.wait()
+    def _has_room(self, cost: int) -> bool:
+        """Whether a receiver with theta's defaults (and this side's budget, when lower)
+        can track one more unfinished asset of ``cost`` (one too large for the budget
+        alone goes when none is unfinished)."""
+        return not self._unfinished or (
+            len(self._unfinished) < _PEER_MAX_UNFINISHED
+            and self._unfinished_total + cost <= self._budget
+        )
 
-    def _completed(self, asset_id: int) -> None:
+    async def _wait_for_room(self, cost: int) -> None:
+        """Wait, in turn, until :meth:`_has_room` for ``cost``: first come, first served,
+        so a large asset is not overtaken for ever, and one completion wakes one waiter."""
+        if not self._waiting and self._has_room(cost):
+            return
+        waiter = _RoomWaiter(cost)
+        self._waiting.append(waiter)
+        try:
+            while True:
+                await waiter.event.wait()
+                self._session._check_open()
+                if self._waiting[0] is waiter and self._has_room(cost):
+                    return
+                waiter.event = trio.Event()
+        finally:
+            head = self._waiting[0] is waiter
+            self._waiting.remove(waiter)
+            if head:  # the next one may fit next to this one (checked once it is counted)
+                self._wake_next()
+
+    def _wake_next(self) -> None:
+        if self._waiting:
+            self._waiting[0].event.set()
+
+    def _release(self, asset_id: int) -> None:
+        """``asset_id`` is no longer unfinished (complete, or its first chunk not sent)."""
         if asset_id in self._unfinished:
             self._unfinished.discard(asset_id)
-            del self._unfinished_cost[asset_id]
-            self._room.set()
-            self._room = trio.Event()
+            self._unfinished_total -= self._unfinished_cost.pop(asset_id)
+            self._wake_next()
 
     def _session_closed(self) -> None:
         super()._session_closed()
-        self._room.set()  # waiting sends raise SessionClosed
+        for waiter in self._waiting:  # waiting sends raise SessionClosed
+            waiter.event.set()
 
     async def receive(self) -> Asset:
         """The next complete asset from the peer.

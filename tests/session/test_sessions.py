@@ -225,13 +225,12 @@ async def test_streamed_asset_from_async_iterable(nursery: trio.Nursery) -> None
 
 
 async def _send_concurrently_and_collect_echoes(
-    port: int, assets: dict[str, bytes]
+    port: int, assets: dict[str, bytes], config: theta.ClientConfig | None = None
 ) -> dict[str, bytes]:
     """Send every asset at once (1 KiB chunks) to an echo server; the assets echoed."""
+    config = dataclasses.replace(config or client_config(), asset_chunk_size=1024)
     with trio.fail_after(20):
-        async with theta.connect(
-            "127.0.0.1", port, client_config(asset_chunk_size=1024)
-        ) as session:
+        async with theta.connect("127.0.0.1", port, config) as session:
             async with trio.open_nursery() as senders:
                 for name, data in assets.items():
                     senders.start_soon(session.assets.send, name, data)
@@ -250,14 +249,65 @@ async def test_more_concurrent_assets_than_a_receiver_tracks_wait_their_turn(
 
 
 async def test_concurrent_assets_stay_within_a_receivers_byte_budget(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery,
 ) -> None:
-    """The declared sizes of unfinished assets stay within the budget a receiver with
-    default settings allows (made small here): sends beyond it wait."""
-    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED_BYTES", 10_000)
+    """The declared sizes of unfinished assets stay within the receiver's budget when it is
+    set alike on both sides (or is the default): sends beyond it wait."""
     server = await start_server(nursery, echo, max_buffered_asset_bytes=10_000)
     assets = {f"b{index}": os.urandom(4000) for index in range(6)}
-    assert await _send_concurrently_and_collect_echoes(server.port, assets) == assets
+    config = client_config(max_buffered_asset_bytes=10_000)
+    assert await _send_concurrently_and_collect_echoes(server.port, assets, config) == assets
+
+
+async def test_a_large_asset_waiting_for_room_is_not_overtaken(nursery: trio.Nursery) -> None:
+    """Sends wait for room in turn: a small asset that would fit next to the unfinished one
+    still waits behind a large one that does not."""
+    server = await start_server(nursery, echo, max_buffered_asset_bytes=10_000)
+    release = trio.Event()
+
+    async def held(data: bytes) -> AsyncIterator[bytes]:
+        yield data[:3000]
+        await release.wait()
+        yield data[3000:]
+
+    async def send(session: Session, name: str, data: bytes, streamed: bool = False) -> None:
+        if streamed:
+            await session.assets.send(name, held(data), total_size=len(data))
+        else:
+            await session.assets.send(name, data)
+
+    config = client_config(asset_chunk_size=1024, max_buffered_asset_bytes=10_000)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            async with trio.open_nursery() as senders:
+                senders.start_soon(send, session, "held", bytes(6000), True)
+                await trio.testing.wait_all_tasks_blocked()
+                senders.start_soon(send, session, "large", bytes(8000))
+                await trio.testing.wait_all_tasks_blocked()
+                senders.start_soon(send, session, "small", bytes(2000))
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            order = [(await session.assets.receive()).name for _ in range(3)]
+    assert order == ["held", "large", "small"]
+
+
+@pytest.mark.parametrize("size", [10, 3000])
+async def test_an_iterable_ending_with_an_empty_piece_sends_the_whole_asset(
+    nursery: trio.Nursery, size: int
+) -> None:
+    server = await start_server(nursery, echo)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"a" * size
+        yield b""
+
+    config = client_config(asset_chunk_size=1024)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            await session.assets.send("x", pieces(), total_size=size)
+            echoed = await session.assets.receive()
+            await session.assets.finish()
+    assert (echoed.name, echoed.data) == ("x", b"a" * size)
 
 
 async def test_a_send_waiting_for_room_ends_with_the_session(
