@@ -161,7 +161,8 @@ class _SessionConfig:
     max_buffered_asset_bytes: int = DEFAULT_MAX_BUFFERED_ASSET_BYTES
     """Declared size of all unfinished incoming assets at once, their names' UTF-8 bytes
     included (``FRAME_TOO_LARGE`` beyond): bounds what :meth:`AssetChannel.receive` holds
-    in memory."""
+    in memory. Sends keep this side's unfinished assets within it too (and within the
+    default), assuming the peer's is set alike."""
     receive_queue: int = 64
     """Replication messages and asset events buffered for the application before the
     session stops reading (QUIC flow control then slows the peer)."""
