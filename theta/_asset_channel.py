@@ -50,11 +50,12 @@ when it returns an awaitable, e.g. an ``async def`` callback)."""
 class _RoomWaiter:
     """A send waiting for room for an unfinished asset of ``cost`` bytes."""
 
-    __slots__ = ("cost", "event")
+    __slots__ = ("cost", "event", "gone")
 
     def __init__(self, cost: int) -> None:
         self.cost = cost
         self.event = trio.Event()
+        self.gone = False  # left the queue (cancelled) while not at its head
 
 
 class AssetChannel(DataChannel[AssetProgress]):
@@ -200,6 +201,7 @@ class AssetChannel(DataChannel[AssetProgress]):
     async def _wait_for_room(self, cost: int) -> None:
         """Wait, in turn, until :meth:`_has_room` for ``cost``: first come, first served,
         so a large asset is not overtaken for ever, and one completion wakes one waiter."""
+        self._session._check_open()  # a closed session wakes only those already waiting
         if not self._waiting and self._has_room(cost):
             return
         waiter = _RoomWaiter(cost)
@@ -212,12 +214,15 @@ class AssetChannel(DataChannel[AssetProgress]):
                     return
                 waiter.event = trio.Event()
         finally:
-            head = self._waiting[0] is waiter
-            self._waiting.remove(waiter)
-            if head:  # the next one may fit next to this one (checked once it is counted)
-                self._wake_next()
+            if self._waiting[0] is waiter:
+                self._waiting.popleft()
+                self._wake_next()  # it may fit next to this one (checked once it is counted)
+            else:
+                waiter.gone = True  # dropped when it reaches the head: no O(n) removal
 
     def _wake_next(self) -> None:
+        while self._waiting and self._waiting[0].gone:
+            self._waiting.popleft()
         if self._waiting:
             self._waiting[0].event.set()
 

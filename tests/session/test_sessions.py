@@ -259,6 +259,46 @@ async def test_concurrent_assets_stay_within_a_receivers_byte_budget(
     assert await _send_concurrently_and_collect_echoes(server.port, assets, config) == assets
 
 
+async def test_a_send_reaching_the_wait_for_room_after_the_close_raises(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An iterable's first piece arriving after the close, with no room (an asset left
+    unfinished by the close holds it): SessionClosed, not a wait nobody ends."""
+    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED", 1)
+    server = await start_server(nursery, echo)
+    first_chunk_sent, closed = trio.Event(), trio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield bytes(2000)
+        first_chunk_sent.set()
+        await trio.sleep_forever()
+
+    async def late() -> AsyncIterator[bytes]:
+        await closed.wait()
+        yield bytes(3000)
+
+    async def send_stalled(session: Session) -> None:
+        with contextlib.suppress(SessionClosed):
+            await session.assets.send("stalled", stalled(), total_size=4000)
+
+    config = client_config(asset_chunk_size=1024)
+    with trio.fail_after(10):
+        async with theta.connect("127.0.0.1", server.port, config) as session:
+            nursery.start_soon(send_stalled, session)
+            await first_chunk_sent.wait()
+            async with trio.open_nursery() as late_sender:
+
+                async def send_late() -> None:
+                    with pytest.raises(SessionClosed):
+                        await session.assets.send("late", late(), total_size=3000)
+
+                late_sender.start_soon(send_late)
+                await trio.testing.wait_all_tasks_blocked()
+                await session.close()
+                await trio.testing.wait_all_tasks_blocked()  # the session's tasks are gone
+                closed.set()
+
+
 async def test_a_large_asset_waiting_for_room_is_not_overtaken(nursery: trio.Nursery) -> None:
     """Sends wait for room in turn: a small asset that would fit next to the unfinished one
     still waits behind a large one that does not."""
