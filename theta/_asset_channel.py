@@ -89,6 +89,7 @@ class AssetChannel(DataChannel[AssetProgress]):
         self._unfinished_total = 0
         self._budget = min(config.max_buffered_asset_bytes, _PEER_MAX_UNFINISHED_BYTES)
         self._waiting: collections.deque[_RoomWaiter] = collections.deque()
+        self._gone = 0  # waiters in _waiting that left it
 
     def _max_chunk_data(self, name: str) -> int:
         # What the peer accepts is not known: within the spec's default limit, and within
@@ -217,12 +218,17 @@ class AssetChannel(DataChannel[AssetProgress]):
             if self._waiting[0] is waiter:
                 self._waiting.popleft()
                 self._wake_next()  # it may fit next to this one (checked once it is counted)
-            else:
-                waiter.gone = True  # dropped when it reaches the head: no O(n) removal
+            else:  # dropped when it reaches the head (or at a compaction), not searched for
+                waiter.gone = True
+                self._gone += 1
+                if self._gone > len(self._waiting) // 2:  # behind a head that may never move
+                    self._waiting = collections.deque(w for w in self._waiting if not w.gone)
+                    self._gone = 0
 
     def _wake_next(self) -> None:
         while self._waiting and self._waiting[0].gone:
             self._waiting.popleft()
+            self._gone -= 1
         if self._waiting:
             self._waiting[0].event.set()
 

@@ -259,33 +259,47 @@ async def test_concurrent_assets_stay_within_a_receivers_byte_budget(
     assert await _send_concurrently_and_collect_echoes(server.port, assets, config) == assets
 
 
+class _HeldRoom:
+    """Room for one unfinished asset only, taken by an asset whose first chunk goes out
+    and whose rest never comes (so it stays unfinished for the session's life)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED", 1)
+        self.taken = trio.Event()
+
+    async def _data(self) -> AsyncIterator[bytes]:
+        yield bytes(2000)
+        self.taken.set()
+        await trio.sleep_forever()
+
+    async def take(self, session: Session, nursery: trio.Nursery) -> None:
+        """Start the held asset's send in ``nursery``; return once it holds the room."""
+
+        async def send() -> None:
+            with contextlib.suppress(SessionClosed):
+                await session.assets.send("held", self._data(), total_size=4000)
+
+        nursery.start_soon(send)
+        await self.taken.wait()
+
+
 async def test_a_send_reaching_the_wait_for_room_after_the_close_raises(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An iterable's first piece arriving after the close, with no room (an asset left
     unfinished by the close holds it): SessionClosed, not a wait nobody ends."""
-    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED", 1)
+    room = _HeldRoom(monkeypatch)
     server = await start_server(nursery, echo)
-    first_chunk_sent, closed = trio.Event(), trio.Event()
-
-    async def stalled() -> AsyncIterator[bytes]:
-        yield bytes(2000)
-        first_chunk_sent.set()
-        await trio.sleep_forever()
+    closed = trio.Event()
 
     async def late() -> AsyncIterator[bytes]:
         await closed.wait()
         yield bytes(3000)
 
-    async def send_stalled(session: Session) -> None:
-        with contextlib.suppress(SessionClosed):
-            await session.assets.send("stalled", stalled(), total_size=4000)
-
     config = client_config(asset_chunk_size=1024)
     with trio.fail_after(10):
         async with theta.connect("127.0.0.1", server.port, config) as session:
-            nursery.start_soon(send_stalled, session)
-            await first_chunk_sent.wait()
+            await room.take(session, nursery)
             async with trio.open_nursery() as late_sender:
 
                 async def send_late() -> None:
@@ -297,6 +311,29 @@ async def test_a_send_reaching_the_wait_for_room_after_the_close_raises(
                 await session.close()
                 await trio.testing.wait_all_tasks_blocked()  # the session's tasks are gone
                 closed.set()
+
+
+async def test_sends_given_up_while_waiting_for_room_leave_nothing_behind(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends timing out behind a waiter that cannot move (the room is held by an asset
+    that stays unfinished) do not pile up in the queue."""
+    room = _HeldRoom(monkeypatch)
+    server = await start_server(nursery, echo)
+    config = client_config(asset_chunk_size=1024)
+    with trio.fail_after(10):
+        async with (
+            theta.connect("127.0.0.1", server.port, config) as session,
+            trio.open_nursery() as senders,
+        ):
+            await room.take(session, senders)
+            senders.start_soon(session.assets.send, "waiting", bytes(3000))
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(200):
+                with trio.move_on_after(0):
+                    await session.assets.send(f"given-up-{index}", bytes(3000))
+            assert len(session.assets._waiting) <= 2
+            senders.cancel_scope.cancel()
 
 
 async def test_a_large_asset_waiting_for_room_is_not_overtaken(nursery: trio.Nursery) -> None:
@@ -353,25 +390,13 @@ async def test_an_iterable_ending_with_an_empty_piece_sends_the_whole_asset(
 async def test_a_send_waiting_for_room_ends_with_the_session(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(theta._asset_channel, "_PEER_MAX_UNFINISHED", 1)
+    room = _HeldRoom(monkeypatch)
     server = await start_server(nursery, echo)
-    first_chunk_sent = trio.Event()
-
-    async def stalled() -> AsyncIterator[bytes]:
-        yield bytes(2000)
-        first_chunk_sent.set()
-        await trio.sleep_forever()
-
-    async def send_stalled(session: Session) -> None:
-        with contextlib.suppress(SessionClosed):
-            await session.assets.send("stalled", stalled(), total_size=4000)
-
     with trio.fail_after(10):
         async with theta.connect(
             "127.0.0.1", server.port, client_config(asset_chunk_size=1024)
         ) as session:
-            nursery.start_soon(send_stalled, session)
-            await first_chunk_sent.wait()
+            await room.take(session, nursery)
             async with trio.open_nursery() as closer:
                 closer.start_soon(session.close)
                 with pytest.raises(SessionClosed):
