@@ -83,9 +83,9 @@ class AssetChannel(DataChannel[AssetProgress]):
         )
         self._partial: dict[int, bytearray] = {}
         self._next_id = 1
-        self._unfinished: set[int] = set()  # assets with some chunks written, not all
-        # The peer's view of them, for the sends that must wait for room (in turn).
-        self._unfinished_cost: dict[int, int] = {}  # as the peer counts them: size + name
+        # Assets with some chunks written, not all, and their cost as the peer counts it
+        # (size + name), for the sends that must wait for room (in turn).
+        self._unfinished: dict[int, int] = {}
         self._unfinished_total = 0
         self._budget = min(config.max_buffered_asset_bytes, _PEER_MAX_UNFINISHED_BYTES)
         self._waiting: collections.deque[_RoomWaiter] = collections.deque()
@@ -174,8 +174,7 @@ class AssetChannel(DataChannel[AssetProgress]):
             if opening:  # before the write: a finish() waiting for the channel must see it
                 cost = chunk.total_size + len(chunk.name.encode())
                 await self._wait_for_room(cost)
-                self._unfinished.add(chunk.asset_id)
-                self._unfinished_cost[chunk.asset_id] = cost
+                self._unfinished[chunk.asset_id] = cost
                 self._unfinished_total += cost
             try:
                 await self._send(chunk)
@@ -234,9 +233,9 @@ class AssetChannel(DataChannel[AssetProgress]):
 
     def _release(self, asset_id: int) -> None:
         """``asset_id`` is no longer unfinished (complete, or its first chunk not sent)."""
-        if asset_id in self._unfinished:
-            self._unfinished.discard(asset_id)
-            self._unfinished_total -= self._unfinished_cost.pop(asset_id)
+        cost = self._unfinished.pop(asset_id, None)
+        if cost is not None:
+            self._unfinished_total -= cost
             self._wake_next()
 
     def _session_closed(self) -> None:

@@ -30,6 +30,7 @@ from theta.core import (
     REPLICATION_FRAME_OVERHEAD,
     Authenticator,
     FrameLimits,
+    Message,
     Role,
     SessionAcknowledge,
     SessionClose,
@@ -80,22 +81,23 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValueError(f"{name} must be finite")
 
 
+def _payload_size(message: Message) -> int:
+    return len(encode_frame(message)) - 4  # less the length prefix
+
+
+_MOST_CAPABILITIES = tuple(range(2**32 - MAX_CAPABILITIES, 2**32))
+
 # The payload of the largest legal SessionHello (64 capabilities, a 4096-byte token): the
 # smallest control frame limit with which every handshake can succeed.
-_LARGEST_HELLO = (
-    len(
-        encode_frame(
-            SessionHello(
-                protocol_version=PROTOCOL_VERSION,
-                schema_hash=2**64 - 1,
-                nonce=bytes(24),
-                capabilities=tuple(range(2**32 - MAX_CAPABILITIES, 2**32)),
-                auth_token=bytes(MAX_AUTH_TOKEN_LENGTH),
-                public_key=bytes(32),
-            )
-        )
+_LARGEST_HELLO = _payload_size(
+    SessionHello(
+        protocol_version=PROTOCOL_VERSION,
+        schema_hash=2**64 - 1,
+        nonce=bytes(24),
+        capabilities=_MOST_CAPABILITIES,
+        auth_token=bytes(MAX_AUTH_TOKEN_LENGTH),
+        public_key=bytes(32),
     )
-    - 4
 )
 
 MAX_CLOSE_REASON = 1024
@@ -104,25 +106,20 @@ MAX_CLOSE_REASON = 1024
 # The smallest control frame limit a client can take a theta server's frames with: the
 # largest legal SessionAcknowledge (the 64 capabilities a client may request, all
 # granted) or SessionClose (a reason of MAX_CLOSE_REASON bytes), whichever is larger.
-_LARGEST_ACKNOWLEDGE = (
-    len(
-        encode_frame(
-            SessionAcknowledge(
-                protocol_version=PROTOCOL_VERSION,
-                schema_hash=2**64 - 1,
-                nonce=bytes(24),
-                session_id=2**64 - 1,
-                role=2**32 - 1,
-                capabilities=tuple(range(2**32 - MAX_CAPABILITIES, 2**32)),
-                public_key=bytes(32),
-                signature=bytes(64),
-            )
-        )
-    )
-    - 4
-)
 _SMALLEST_CLIENT_CONTROL_LIMIT = max(
-    _LARGEST_ACKNOWLEDGE, len(encode_frame(SessionClose(0xFFFF, "x" * MAX_CLOSE_REASON))) - 4
+    _payload_size(
+        SessionAcknowledge(
+            protocol_version=PROTOCOL_VERSION,
+            schema_hash=2**64 - 1,
+            nonce=bytes(24),
+            session_id=2**64 - 1,
+            role=2**32 - 1,
+            capabilities=_MOST_CAPABILITIES,
+            public_key=bytes(32),
+            signature=bytes(64),
+        )
+    ),
+    _payload_size(SessionClose(0xFFFF, "x" * MAX_CLOSE_REASON)),
 )
 
 

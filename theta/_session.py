@@ -178,7 +178,8 @@ class Session:
         metrics = self._heartbeats.metrics()
         stats = self._connection.stats()
         return TransportDiagnostics(
-            uptime=(self._ended_at or trio.current_time()) - self._established_at,
+            uptime=(trio.current_time() if self._ended_at is None else self._ended_at)
+            - self._established_at,
             rtt_latest=metrics.latest_rtt,
             rtt_smoothed=metrics.smoothed_rtt,
             rtt_min=metrics.min_rtt,

@@ -531,16 +531,23 @@ async def test_aclose_beside_a_blocked_send_all_resets_instead_of_fin(
     assert isinstance(result, StreamResetError), result
 
 
+def _closes_after_the_first_bytes(
+    code: int, reason: str
+) -> Callable[[QuicConnection], Awaitable[None]]:
+    """A server handler: read the client's first bytes, then close with ``code``."""
+
+    async def handler(connection: QuicConnection) -> None:
+        await (await connection.accept_stream()).receive_some()
+        await connection.close(code, reason)
+
+    return handler
+
+
 async def test_send_eof_on_a_broken_stream_raises(nursery: trio.Nursery) -> None:
     """Like ``send_all``, ``send_eof`` says that the end of the stream cannot be sent
     (trio's HalfCloseableStream contract): here the peer has closed the connection."""
 
-    async def handler(connection: QuicConnection) -> None:
-        stream = await connection.accept_stream()
-        await stream.receive_some()
-        await connection.close(5, "go away")
-
-    server = await start_server(nursery, handler)
+    server = await start_server(nursery, _closes_after_the_first_bytes(5, "go away"))
     with trio.fail_after(10):
         async with open_quic_connection("127.0.0.1", server.port, client_config()) as connection:
             stream = await connection.open_stream()
@@ -551,11 +558,7 @@ async def test_send_eof_on_a_broken_stream_raises(nursery: trio.Nursery) -> None
 
 
 async def test_a_long_close_reason_is_cut_on_a_character(nursery: trio.Nursery) -> None:
-    async def handler(connection: QuicConnection) -> None:
-        await (await connection.accept_stream()).receive_some()
-        await connection.close(7, "é" * 150)  # 300 bytes of UTF-8
-
-    server = await start_server(nursery, handler)
+    server = await start_server(nursery, _closes_after_the_first_bytes(7, "é" * 150))  # 300 B
     with trio.fail_after(5):
         async with open_quic_connection("127.0.0.1", server.port, client_config()) as conn:
             await (await conn.open_stream()).send_all(b"x")
